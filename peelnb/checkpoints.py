@@ -110,7 +110,7 @@ def state_hash(state: dict[str, Tensor]) -> str:
     for key in sorted(state):
         tensor = state[key].detach().contiguous().cpu()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -208,8 +208,9 @@ class Run:
 
     @property
     def final_lr(self) -> float:
-        """The learning rate the run ends at (its schedule's final rate)."""
-        return float(self.train_config.lr_min)
+        """The learning rate of the run's last logged step (its schedule's end when nothing is logged)."""
+        rates = [e["lr"] for e in self.log if e.get("lr")]
+        return float(rates[-1]) if rates else float(self.train_config.lr_min)
 
     def checkpoint(self, step: int) -> Path:
         """Path of the checkpoint of ``step``; a clear error if it is absent."""

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 BITS: tuple[float, ...] = (1.0, 1.58, 2.0, 3.0, 4.0, 8.0, 32.0)
 """Weight bit-widths peelnb knows (DESIGN.md §4); 1.58 is ternary, 32 is full precision."""
@@ -71,6 +74,22 @@ def _positive_int(name: str, value: Any) -> None:
 def _positive_float(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _int_ids(name: str, value: Any) -> tuple[int, ...]:
+    """A collection of integers (no strings, floats or booleans) as a sorted tuple without repeats."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, set, frozenset, range)):
+        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in value):
+        raise ValueError(f"{name} must be integers, got {value!r}")
+    return tuple(sorted({int(i) for i in value}))
+
+
+def _numbers(name: str, value: Any) -> list[Any]:
+    """The items of a list of numbers; a clear error for a bare number or a string."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list, set, frozenset)):
+        raise ValueError(f"{name} must be a list of numbers, e.g. (1, 1.58, 4, 32), got {value!r}")
+    return list(value)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -158,7 +177,7 @@ class Fault(_Serializable):
         Fault(kind='frozen', layer=3)
         """
         kind, sep, layer = text.partition(":")
-        if not sep or not layer.strip().isdigit():
+        if not sep or not re.fullmatch(r"[0-9]+", layer.strip()):
             raise ValueError(f"fault {text!r} must look like KIND:LAYER, e.g. frozen:3 (kinds: {', '.join(FAULT_KINDS)})")
         return cls(kind.strip(), int(layer))
 
@@ -218,7 +237,7 @@ class TrainConfig(_Serializable):
             raise ValueError("warmup, weight_decay and grad_clip must be >= 0")
         if isinstance(self.fault, dict):
             object.__setattr__(self, "fault", Fault.from_dict(self.fault))
-        checkpoints = {int(s) for s in self.checkpoints} or {round(i * self.steps / 4) for i in range(5)}
+        checkpoints = set(_int_ids("checkpoints", self.checkpoints)) or {round(i * self.steps / 4) for i in range(5)}
         bad = sorted(s for s in checkpoints if not 0 <= s <= self.steps)
         if bad:
             raise ValueError(f"checkpoint steps {bad} lie outside 0..{self.steps}")
@@ -288,7 +307,7 @@ class PeelConfig(_Serializable):
         _choice("target", self.target, TARGETS)
         _choice("init", self.init, INITS)
         object.__setattr__(self, "batch_size", self.batch_size or SOLVER_BATCH[self.target])
-        bits = tuple(sorted({check_bits(b) for b in self.bits}))
+        bits = tuple(sorted({check_bits(b) for b in _numbers("bits", self.bits)}))
         if not bits:
             raise ValueError("bits must name at least one bit-width")
         object.__setattr__(self, "bits", bits)
@@ -296,14 +315,17 @@ class PeelConfig(_Serializable):
         if isinstance(perms, int) and not isinstance(perms, bool):
             _positive_int("permutations", perms)
             perms = tuple(range(perms))
-        perms = tuple(sorted({int(p) for p in perms}))
+        elif isinstance(perms, (tuple, list, set, frozenset, range)):
+            perms = _int_ids("permutations", perms)
+        else:
+            raise ValueError(f"permutations must be a positive count or a list of integer ids, got {perms!r}")
         if not perms or perms[0] < 0:
             raise ValueError(f"permutations must be a positive count or non-negative ids, got {self.permutations!r}")
         object.__setattr__(self, "permutations", perms)
         if self.layers is not None:
-            layers = tuple(sorted({int(i) for i in self.layers}))
+            layers = _int_ids("layers", self.layers)
             if not layers or layers[0] < 0:
-                raise ValueError(f"layers must be non-negative indices, got {self.layers!r}")
+                raise ValueError(f"layers must be non-negative indices (or None for all), got {self.layers!r}")
             object.__setattr__(self, "layers", layers)
         for name in ("solver_steps", "batch_size", "calib_tokens", "eval_tokens", "selection_every"):
             _positive_int(name, getattr(self, name))

@@ -159,7 +159,7 @@ def train(
         if existing.get("complete"):
             return Run(out)
         start = _resume_point(out)
-        meta["log"] = [e for e in existing["log"] if e["step"] <= start]
+        meta["log"] = [e for e in existing["log"] if e["step"] <= start] if start else []
 
     gpt = GPT(model, seed=config.seed)
     optimizer = adam(_param_groups(gpt, config), decoupled=True, lr=config.lr, betas=(0.9, 0.95))
@@ -212,5 +212,7 @@ def train(
             bar.set_postfix(heldout=f"{meta['log'][-1]['heldout_loss']:.3f}")
         bar.update(1)
     bar.close()
+    if not meta["complete"]:  # interrupted after the final checkpoint, before run.json said so
+        save(config.steps, lr_at(config.steps - 1, config), math.nan)
     log.info("trained %s: %d steps in %.1f s", out, config.steps - start, time.perf_counter() - started)
     return Run(out)
