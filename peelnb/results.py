@@ -38,8 +38,8 @@ COORD_ATTRS = {
 }
 FLAG_FLOOR = 0.01
 """Absolute tolerance (nats/token) of the flag rule; see `flagged`."""
-NOISE_MULTIPLE = 2.0
-"""How many noise floors (spread over permutations) a gap must clear to count."""
+NOISE_MULTIPLE = 1.0
+"""How many noise floors (spread over permutations) the flag tolerance spans at least."""
 
 
 def new_dataset(
@@ -265,9 +265,11 @@ class PeelAccessor:
     ) -> pd.DataFrame:
         """Table of layers ranked from most to least under-optimized.
 
-        Layers are ranked within each (step, bits) by their best gap on their
-        own scale (the first block's gap divided by its scale, see
-        `tolerance`); rank 1 is the most under-optimized.
+        Within each (step, bits), flagged layers come first, then layers are
+        ordered by their best gap on their own scale (the ``score``: the first
+        block's gap divided by its ablation cost relative to the other
+        blocks' median, everyone else's gap as is); rank 1 is the most
+        under-optimized. Layers with no result come last.
 
         Parameters
         ----------
@@ -318,8 +320,8 @@ class PeelAccessor:
         frame.insert(0, "step", step)
         if "bits" not in frame:
             frame.insert(1, "bits", bits)
-        frame["rank"] = frame.groupby("bits")["score"].rank(ascending=False, method="first")
-        frame = frame.sort_values(["bits", "rank"], ascending=[False, True], na_position="last")
+        frame = frame.sort_values(["bits", "flagged", "score"], ascending=[False, False, False], na_position="last")
+        frame["rank"] = (frame.groupby("bits").cumcount() + 1).where(frame["score"].notna())
         if n is not None:
             frame = frame.groupby("bits", sort=False).head(n)
         columns = ["step", "bits", "rank", "layer", "gap", "score", "noise", "tolerance", "flagged",
