@@ -319,7 +319,7 @@ def _resume(path: Path, fresh: xr.Dataset) -> xr.Dataset:
         )
     common = [s for s in old["step"].values if s in fresh["step"].values]
     merged = fresh.copy(deep=True)
-    for name in results.VARIABLES:
+    for name in [*results.VARIABLES, "checkpoint_sha256"]:
         merged[name].loc[dict(step=common)] = old[name].sel(step=common)
     merged.attrs["created"] = old.attrs.get("created", fresh.attrs["created"])
     return merged

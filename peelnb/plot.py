@@ -104,7 +104,7 @@ def overview(results: xr.Dataset | Mapping[str, xr.Dataset], *, bits: list[float
     -------
     matplotlib Figure
     """
-    rows = dict(results) if isinstance(results, Mapping) else {"": results}
+    rows = {"": results} if isinstance(results, xr.Dataset) else dict(results)
     if not rows:
         raise ValueError("overview needs at least one result")
     first = validate(next(iter(rows.values())))
