@@ -228,7 +228,7 @@ class Run:
         if self.meta.get("corpus") != BUNDLED_NAME:
             raise ValueError(
                 f"run {str(self.path)!r} was trained on {self.meta.get('corpus')!r}, not the bundled corpus: "
-                "pass its text with data=PATH"
+                "pass its text as data=PATH (peelnb peel --data PATH)"
             )
         return Corpus.from_text(load_text(), name=BUNDLED_NAME, tokenizer=self.tokenizer)
 

@@ -38,7 +38,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings(
-    n_layer=6, d_model=64, n_head=4, n_ctx=64, steps=1000, batch_size=32, fault=Fault("frozen", 3),
+    n_layer=6, d_model=64, n_head=4, n_ctx=64, steps=1000, batch_size=64, fault=Fault("frozen", 3),
     bits=(1.0, 1.58, 4.0, 32.0), permutations=3, solver_steps=50, calib_tokens=32768, eval_tokens=4096,
 )
 """About 8 minutes on 2 CPU cores."""
@@ -87,8 +87,8 @@ def run_demo(out: str | Path, demo: DemoSettings, *, say: Callable[[str], None] 
         folder = out / label
         config = TrainConfig(steps=demo.steps, batch_size=demo.batch_size, checkpoints=checkpoints,
                              seed=demo.seed, fault=fault)
-        what = f"with a planted fault ({fault.kind} layer {fault.layer})" if fault else "clean"
-        say(f"- training the {what} run for {demo.steps} steps -> {folder}")
+        what = f"run with a planted fault ({fault.kind} layer {fault.layer})" if fault else "clean run"
+        say(f"- training the {what} for {demo.steps} steps -> {folder}")
         started = time.perf_counter()
         run = train(folder, model=model, config=config, corpus=corpus, progress=progress)
         say(f"  done in {time.perf_counter() - started:.0f} s; held-out loss {run.log[-1]['heldout_loss']:.3f} "

@@ -46,6 +46,8 @@ HEADROOM_LR = 1e-4
 SELF_CHECK_SEQUENCES = 4
 SELF_CHECK_TOLERANCE = 1e-4
 CHUNK_TOKENS = 16384
+CALIB_EVAL_SHARE = 4
+"""``loss_ref_calib`` is measured on a quarter as many (fitted) calibration tokens as evaluation tokens."""
 _CALIB_KEY = 11
 
 
@@ -128,6 +130,10 @@ def _corpus(data: Any, run: Run | None, vocab_size: int) -> Corpus:
     return corpus
 
 
+LayerOut = Callable[[Tensor], Tensor]
+"""Maps a layer's inputs (n, T, C) to R candidate outputs (R, n, T, C)."""
+
+
 class _Replay:
     """The frozen network from a layer boundary on: blocks, head, and next-token loss."""
 
@@ -143,39 +149,74 @@ class _Replay:
         return self.adapter.head(self.model, h)
 
     @torch.no_grad()
-    def losses(self, first: int, h: Tensor, tokens: Tensor) -> Tensor:
-        """Mean next-token loss (float64) of each of R stacks of hidden states.
+    def verify(self, first: int, layer_out: LayerOut, x: Tensor, tokens: Tensor, *, candidates: int = 1,
+               trained: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Splice candidate outputs into the network and score them, chunk by chunk.
 
         Parameters
         ----------
         first : int
-            Block that receives ``h``.
-        h : Tensor
-            (R, N, T, C) hidden states.
+            Block that receives the candidates' outputs (``L``: the head only).
+        layer_out : callable
+            Maps inputs (n, T, C) to the candidates' outputs (R, n, T, C).
+        x : Tensor
+            (N, T, C) inputs of the replaced layer.
         tokens : Tensor
             (N, T) next-token targets.
+        candidates : int
+            R, the number of candidates ``layer_out`` returns.
+        trained : Tensor, optional
+            (N, T, C) the trained layer's outputs, to measure ``local_err``.
+
+        Returns
+        -------
+        loss : Tensor
+            (R,) mean next-token loss, float64.
+        err : Tensor or None
+            (R,) relative L2 error against the trained layer's residual contribution.
         """
-        R, N, T, _ = h.shape
-        flat = h.reshape(R * N, *h.shape[2:])
-        targets = tokens.repeat(R, 1)
-        sums = torch.empty(R * N, dtype=torch.float64)
-        step = max(1, CHUNK_TOKENS // T)
-        for start in range(0, R * N, step):
-            logits = self.logits(first, flat[start : start + step])
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets[start : start + step].flatten(), reduction="none")
-            sums[start : start + step] = ce.view(-1, T).double().sum(dim=1)
-        return sums.view(R, N).sum(dim=1) / (N * T)
+        N, T = tokens.shape
+        R = candidates
+        loss_sum, err_sum, contribution = torch.zeros(R, dtype=torch.float64), torch.zeros(R, dtype=torch.float64), 0.0
+        step = max(1, CHUNK_TOKENS // (R * T))
+        for start in range(0, N, step):
+            chunk = slice(start, start + step)
+            out = layer_out(x[chunk])  # (R, n, T, C)
+            logits = self.logits(first, out.flatten(0, 1))
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens[chunk].repeat(R, 1).flatten(), reduction="none")
+            loss_sum += ce.view(R, -1).double().sum(dim=1)
+            if trained is not None:
+                y = trained[chunk]
+                err_sum += (out - y).pow(2).flatten(1).sum(dim=1).double()
+                contribution += (y - x[chunk]).pow(2).sum().item()
+        err = (err_sum / max(contribution, 1e-24)).sqrt() if trained is not None else None
+        return loss_sum / (N * T), err
 
 
 def _capture(adapter: Adapter, model: nn.Module, windows: Tensor) -> list[Tensor]:
-    """[h_0, ..., h_L] of ``windows`` (N, T + 1), each (N, T, C), from one hooked forward pass."""
+    """[h_0, ..., h_L] of ``windows`` (N, T + 1), each (N, T, C), from one hooked forward pass.
+
+    Hidden states are copied into preallocated storage as the forward pass
+    produces them, so the pass frees its activations as it would unhooked.
+    """
+    N = windows.shape[0]
+    n_hidden = len(adapter.blocks(model)) + 1
+    hidden: list[Tensor] = []
+    start = 0
+
+    def keep(index: int, h: Tensor) -> None:
+        if len(hidden) == index:
+            hidden.append(torch.empty((N, *h.shape[1:]), dtype=h.dtype, device=h.device))
+        hidden[index][start : start + h.shape[0]].copy_(h)
+
     step = max(1, CHUNK_TOKENS // (windows.shape[1] - 1))
-    parts: list[list[Tensor]] = []
-    with torch.no_grad(), adapter.capturing(model) as calls:
-        for start in range(0, windows.shape[0], step):
+    with torch.no_grad(), adapter.capturing(model, keep):
+        for start in range(0, N, step):
             model(windows[start : start + step, :-1])
-        parts = calls
-    return [torch.cat([call[i] for call in parts]) for i in range(len(parts[0]))]
+    if len(hidden) != n_hidden:
+        raise RuntimeError(f"capture saw {len(hidden)} of the model's {n_hidden} hidden states: "
+                           "its forward pass does not call every block")
+    return hidden
 
 
 def _self_check(adapter: Adapter, model: nn.Module, hidden: list[Tensor], step: int) -> None:
@@ -511,20 +552,21 @@ def _peel_checkpoint(ds: xr.Dataset, checkpoint: Checkpoint, adapter: Adapter, c
     blocks = list(adapter.blocks(model))
     n_layer = len(blocks)
     h_eval = hidden["eval"]
-    loss_model = replay.losses(n_layer, h_eval[n_layer][None], tokens["eval"]).item()
+    loss_model = replay.verify(n_layer, lambda x: x[None], h_eval[n_layer], tokens["eval"])[0].item()
     ds["loss_model"].loc[dict(step=step)] = loss_model
-    n_calib_eval = min(fit.shape[0], evaluation.shape[0])
+    n_calib_eval = min(fit.shape[0], max(1, evaluation.shape[0] // CALIB_EVAL_SHARE))
     P = len(config.permutations)
     for layer in layer_ids:
         block = blocks[layer]
         at = dict(step=step, layer=layer)
         x_eval, y_eval = h_eval[layer], h_eval[layer + 1]
-        ds["loss_ablate"].loc[at] = replay.losses(layer + 1, x_eval[None], tokens["eval"]).item()
+        ds["loss_ablate"].loc[at] = replay.verify(layer + 1, lambda x: x[None], x_eval, tokens["eval"])[0].item()
         low = [b for b in config.bits if b != 32.0]
         if low:
-            outs = adapter.stacked_call(_unquantized(adapter, block), _rtn_params(adapter, block, low),
-                                        x_eval.expand(len(low), *x_eval.shape))
-            ds["loss_model_q"].loc[dict(at, bits=low)] = replay.losses(layer + 1, outs, tokens["eval"]).numpy()
+            template, rtn = _unquantized(adapter, block), _rtn_params(adapter, block, low)
+            loss_q, _ = replay.verify(layer + 1, lambda x: adapter.stacked_call(template, rtn, x.expand(len(low), *x.shape)),
+                                      x_eval, tokens["eval"], candidates=len(low))
+            ds["loss_model_q"].loc[dict(at, bits=low)] = loss_q.numpy()
         if 32.0 in config.bits:
             ds["loss_model_q"].loc[dict(at, bits=32.0)] = loss_model
         data = LayerData(
@@ -534,14 +576,14 @@ def _peel_checkpoint(ds: xr.Dataset, checkpoint: Checkpoint, adapter: Adapter, c
         )
         solution = solve(adapter, block, data, config, layer=layer, n_layer=n_layer, lr=lr,
                          downstream=lambda h, first=layer + 1: replay.logits(first, h))
-        with torch.no_grad():
-            R = len(config.bits) * P
-            out_eval = adapter.stacked_call(solution.template, solution.params, x_eval.expand(R, *x_eval.shape))
-            loss_ref = replay.losses(layer + 1, out_eval, tokens["eval"])
-            err = (out_eval - y_eval).flatten(1).norm(dim=1) / (y_eval - x_eval).norm().clamp_min(1e-12)
-            x_cal = hidden["fit"][layer][:n_calib_eval]
-            out_cal = adapter.stacked_call(solution.template, solution.params, x_cal.expand(R, *x_cal.shape))
-            loss_cal = replay.losses(layer + 1, out_cal, tokens["fit"][:n_calib_eval])
+        R = len(config.bits) * P
+
+        def reference_outputs(x: Tensor, solution: Solution = solution) -> Tensor:
+            return adapter.stacked_call(solution.template, solution.params, x.expand(R, *x.shape))
+
+        loss_ref, err = replay.verify(layer + 1, reference_outputs, x_eval, tokens["eval"], candidates=R, trained=y_eval)
+        loss_cal, _ = replay.verify(layer + 1, reference_outputs, hidden["fit"][layer][:n_calib_eval],
+                                    tokens["fit"][:n_calib_eval], candidates=R)
 
         def grid(values: Tensor) -> np.ndarray:
             return values.double().view(len(config.bits), P).T.numpy()  # (permutation, bits)

@@ -30,9 +30,10 @@ def gap_lines(ds: xr.Dataset, *, bits: float, ax: Axes | None = None, legend: bo
     """Best gap of every layer across training steps, at one bit-width.
 
     One line per layer (the planted layer, if any, thick and red); filled
-    markers where a layer is flagged under-optimized. The y axis is linear
-    within +-0.01 nats and logarithmic beyond, so the first block's large gaps
-    and the others' small ones are readable together.
+    markers where a layer is flagged under-optimized; the grey band is where a
+    reference matches the trained layer within the default 0.01 nats. The y
+    axis is linear within +-0.01 nats and logarithmic beyond, so the first
+    block's large gaps and the others' small ones are readable together.
 
     Parameters
     ----------
@@ -70,23 +71,28 @@ def gap_lines(ds: xr.Dataset, *, bits: float, ax: Axes | None = None, legend: bo
         ax.plot(steps[hit], y[hit], "o", color=line.get_color(), ms=5, zorder=4)
         ax.plot(steps[~hit], y[~hit], "o", mfc="none", color=line.get_color(), ms=4, zorder=4)
     ax.axhline(0, color="0.3", lw=0.8, ls="--")
+    values = best.values[np.isfinite(best.values)]
+    top = max(2 * FLAG_FLOOR, 1.5 * values.max()) if values.size else 2 * FLAG_FLOOR
+    ax.axhspan(-FLAG_FLOOR, top, color="0.92", zorder=0, lw=0)
     ax.set_yscale("symlog", linthresh=FLAG_FLOOR)
+    ax.set_ylim(top=top)
     ax.set_xlabel("training step")
     ax.set_ylabel("best gap (nats/token)")
     ax.set_title(f"{fmt_bits(bits)} bits")
     if legend:
-        ax.legend(fontsize="x-small", loc="lower left", ncols=2 if len(layers) > 6 else 1)
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+                  ncols=2 if len(layers) > 12 else 1)
     return ax
 
 
-def loss_curve(ds: xr.Dataset, *, ax: Axes | None = None) -> Axes:
-    """Held-out loss of the trained checkpoints across steps."""
+def loss_curve(ds: xr.Dataset, *, ax: Axes | None = None, label: str = "") -> Axes:
+    """Held-out loss of the trained checkpoints across steps (``label`` prefixes the title)."""
     validate(ds)
     ax = ax or plt.subplots(figsize=(4, 3.5))[1]
     ax.plot(ds["step"].values, ds["loss_model"].values, "o-", color="k", ms=4)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("trained model")
+    ax.set_title(f"{label}: trained model" if label else "trained model", fontweight="bold" if label else None)
     return ax
 
 
@@ -112,17 +118,15 @@ def overview(results: xr.Dataset | Mapping[str, xr.Dataset], *, bits: list[float
     fig, axes = plt.subplots(len(rows), 1 + len(bits), figsize=(3.6 * (1 + len(bits)), 3.3 * len(rows)),
                              squeeze=False, layout="constrained")
     for row, (label, ds) in zip(axes, rows.items()):
-        loss_curve(ds, ax=row[0])
-        if label:
-            row[0].set_title(label, loc="left", fontweight="bold")
+        loss_curve(ds, ax=row[0], label=label)
         for i, (ax, b) in enumerate(zip(row[1:], bits)):
             gap_lines(ds, bits=b, ax=ax, legend=i == len(bits) - 1)
             if i:
                 ax.set_ylabel("")
     view = first.attrs.get("view", "replace")
     fig.suptitle(
-        f"peelnb {view} view: gap = loss(trained) - loss(best reference); "
-        "filled markers = flagged under-optimized",
+        f"peelnb {view} view: gap = loss(trained) - loss(best reference); grey band: within "
+        f"{FLAG_FLOOR:g} nats of the trained layer; filled markers: flagged under-optimized",
         fontsize="medium",
     )
     return fig

@@ -80,13 +80,13 @@ def quantize(weight: Tensor, bits: float) -> Tensor:
         scale = w.abs().mean(dim=-1, keepdim=True)
         q = torch.where(w >= 0, scale, -scale)
     elif bits == TERNARY:
-        scale = w.abs().mean(dim=(-2, -1), keepdim=True).clamp_min(TERNARY_MIN_SCALE)
-        q = (w / scale).round().clamp(-1, 1) * scale
+        scale = w.abs().mean(dim=(-2, -1), keepdim=True).clamp_min_(TERNARY_MIN_SCALE)
+        q = torch.div(w, scale).round_().clamp_(-1, 1).mul_(scale)
     else:
         qmax = 2 ** (int(bits) - 1) - 1
-        scale = w.abs().amax(dim=-1, keepdim=True) / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (w / safe).round().clamp(-qmax, qmax) * scale
+        scale = w.abs().amax(dim=-1, keepdim=True).div_(qmax)
+        safe = torch.where(scale > 0, scale, 1.0)
+        q = torch.div(w, safe).round_().clamp_(-qmax, qmax).mul_(scale)
     return q.to(weight.dtype)
 
 

@@ -23,8 +23,8 @@ def example_result() -> xr.Dataset:
     Examples
     --------
     >>> ds = example_result()
-    >>> dict(ds.sizes)
-    {'step': 5, 'layer': 3, 'permutation': 3, 'bits': 4}
+    >>> ds["loss_ref"].sizes
+    Frozen({'step': 5, 'layer': 3, 'permutation': 3, 'bits': 4})
     >>> int(ds.peel.summary(bits=32)["layer"][0])
     1
     """

@@ -3,16 +3,16 @@
 An adapter tells the engine where the decoder blocks are, how to run one block
 on a hidden state, how the final norm and head turn the last hidden state into
 logits, and which block parameters are linear weights to quantize. Capture
-runs the model once with hooks on every block and keeps each block's input
-(h_0 .. h_{L-1}) and the last block's output (h_L); the hooks are removed even
-if the forward pass fails.
+runs the model once with hooks on every block that hand over each block's
+input (h_0 .. h_{L-1}) and the last block's output (h_L); the hooks are
+removed even if the forward pass fails.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,32 +68,28 @@ class Adapter(abc.ABC):
         return vmap(one)(params, h)
 
     @contextlib.contextmanager
-    def capturing(self, model: nn.Module) -> Iterator[list[list[Tensor]]]:
-        """Hook every block; yield a list that fills with [h_0, ..., h_L] per forward call.
+    def capturing(self, model: nn.Module, keep: Callable[[int, Tensor], None]) -> Iterator[None]:
+        """Hook every block so each forward pass of ``model`` hands its hidden states to ``keep``.
 
-        Each forward pass of ``model`` inside the context appends one list of
-        L + 1 tensors: the input of every block and the output of the last.
+        ``keep(i, h)`` receives the input h_i of block i (i = 0..L-1) and the
+        last block's output h_L (i = L), in order, during the forward pass.
+        The hooks are removed on leaving the context, even after an error.
         """
         blocks = list(self.blocks(model))
-        calls: list[list[Tensor]] = []
 
-        def keep_input(index: int):
+        def keep_input(index: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                hidden = args[0] if args else next(iter(kwargs.values()))
-                if index == 0:
-                    calls.append([])
-                calls[-1].append(hidden.detach())
+                keep(index, args[0] if args else next(iter(kwargs.values())))
 
             return hook
 
-        def keep_output(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            calls[-1].append(hidden.detach())
+        def keep_output(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> None:
+            keep(len(blocks), output[0] if isinstance(output, tuple) else output)
 
         handles = [b.register_forward_pre_hook(keep_input(i), with_kwargs=True) for i, b in enumerate(blocks)]
         handles.append(blocks[-1].register_forward_hook(keep_output, with_kwargs=True))
         try:
-            yield calls
+            yield
         finally:
             for handle in handles:
                 handle.remove()
