@@ -130,6 +130,20 @@ def _corpus(data: Any, run: Run | None, vocab_size: int) -> Corpus:
     return corpus
 
 
+def peel_windows(corpus: Corpus, n_ctx: int, *, calib_tokens: int, eval_tokens: int,
+                 seed: int) -> tuple[Tensor, Tensor]:
+    """The calibration and evaluation windows `peel` draws, each ``(n, n_ctx + 1)`` token ids.
+
+    Calibration windows start at seeded random places in the training split;
+    evaluation windows are spread evenly over the held-out split. `peel` uses
+    exactly these (`peelnb.byhand` too, to reproduce its numbers).
+    """
+    n_calib = max(2, calib_tokens // n_ctx)
+    calib = random_windows(corpus.train, n_calib, n_ctx, seeded_generator(seed, _CALIB_KEY))
+    evaluation = spread_windows(corpus.heldout, max(1, eval_tokens // n_ctx), n_ctx)
+    return calib, evaluation
+
+
 LayerOut = Callable[[Tensor], Tensor]
 """Maps a layer's inputs (n, T, C) to R candidate outputs (R, n, T, C)."""
 
@@ -482,9 +496,9 @@ def peel(
             f"calib_tokens={config.calib_tokens} is below 10 x d_model = {10 * d_model}: a reference would fit "
             "noise; raise calib_tokens"
         )
-    n_calib = max(2, config.calib_tokens // n_ctx)
-    calib = random_windows(corpus.train, n_calib, n_ctx, seeded_generator(config.seed, _CALIB_KEY))
-    evaluation = spread_windows(corpus.heldout, max(1, config.eval_tokens // n_ctx), n_ctx)
+    calib, evaluation = peel_windows(corpus, n_ctx, calib_tokens=config.calib_tokens,
+                                     eval_tokens=config.eval_tokens, seed=config.seed)
+    n_calib = calib.shape[0]
     n_select = max(1, round(config.selection_fraction * n_calib)) if config.selects_snapshot else 0
     fit, select = calib[: n_calib - n_select], calib[n_calib - n_select :]
     if config.target == "output" or lr is not None:
