@@ -1,22 +1,54 @@
-"""The result schema (DESIGN.md §5), atomic netCDF save/open, and the ``ds.peel`` accessor.
+"""The result schema (DESIGN.md §5), atomic save/open of netCDF files and Zarr stores, and the ``ds.peel`` accessor.
 
 This module never imports torch: a saved result opens, summarizes and plots
 without it.
+
+Zarr stores
+-----------
+A path ending in ``.zarr`` is a Zarr store that grows along ``step`` while a
+run trains (`append_step`). It is one ordinary store, written by xarray in
+Zarr format 2 (read by zarr 2 and 3 and by plain ``xarray.open_zarr``): one
+array per variable, one chunk per step, and consolidated metadata. The
+consolidated metadata is the store's commit record:
+
+1. readers (`open`, ``xarray.open_zarr``) take the arrays' shapes from it, so
+   they see exactly the committed steps, whatever else is on disk;
+2. an append resizes every array along ``step`` to the committed length plus
+   the new steps, writes the new steps' chunks (new files: the chunks of
+   committed steps are never rewritten), and rewrites the consolidated
+   metadata last (one file, replaced atomically): that write commits them;
+3. a crash before that write leaves the committed steps readable and
+   unchanged; the next append starts again from the committed length and
+   overwrites or trims whatever the crashed one wrote.
+
+Steps already in the store are skipped: their committed values stay, since
+rewriting a chunk in place could not be atomic. Steps that sort before the
+store's last step are merged in by rewriting the whole store into a new
+folder that is then swapped in (`save`), so steps stay sorted. Per-step
+sub-stores renamed into place would be atomic too, but only peelnb could
+assemble them; this layout keeps every Zarr reader working. One process
+appends to a store at a time; any number may read it meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from ._io import atomic_path
+from ._io import atomic_dir, atomic_path
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 DIMS = ("step", "layer", "permutation", "bits")
@@ -112,23 +144,66 @@ def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save(ds: xr.Dataset, path: str | Path) -> Path:
-    """Write a result to one netCDF file, atomically.
+ZARR_SUFFIX = ".zarr"
+ZARR_EXTRA = 'pip install "peelnb[zarr]"'
+VOLATILE_ATTRS = ("created", "peelnb_version", "torch_version")
+"""Attributes that may differ between a Zarr store and the steps appended to it."""
 
-    The file is written beside ``path`` and renamed over it only when
-    complete, so an interrupted save leaves the previous file intact.
+
+def _zarr() -> ModuleType:
+    """The zarr module, or an ImportError naming the extra to install."""
+    try:
+        import zarr
+    except ImportError:
+        raise ImportError(f"Zarr result stores need the zarr package: {ZARR_EXTRA}") from None
+    return zarr
+
+
+def _zarr_v3(zarr: ModuleType) -> bool:
+    return int(zarr.__version__.split(".")[0]) >= 3
+
+
+def is_zarr(path: str | Path) -> bool:
+    """Whether ``path`` names a Zarr store: a ``.zarr`` suffix, or a folder holding Zarr metadata."""
+    path = Path(path)
+    return path.suffix == ZARR_SUFFIX or (
+        path.is_dir() and any((path / key).is_file() for key in (".zgroup", "zarr.json"))
+    )
+
+
+def _for_storage(ds: xr.Dataset) -> xr.Dataset:
+    """A shallow copy with attributes a file stores exactly and no encoding carried over from another file."""
+    out = ds.copy()
+    out.attrs = _netcdf_attrs(ds.attrs)
+    for variable in out.variables.values():
+        variable.encoding = {}
+    return out
+
+
+def save(ds: xr.Dataset, path: str | Path) -> Path:
+    """Write a result to one netCDF file or, for a path ending in ``.zarr``, a Zarr store, atomically.
+
+    The result is written beside ``path`` and put in its place only when
+    complete, so an interrupted save leaves the previous result intact. A
+    Zarr store can then grow step by step (``peel(..., out="x.zarr")`` or
+    `peelnb.PeelMonitor`).
 
     Parameters
     ----------
     ds : xarray.Dataset
         A peel result.
     path : str or Path
-        Target ``.nc`` file.
+        Target ``.nc`` file or ``.zarr`` store.
 
     Returns
     -------
     Path
         ``path``.
+
+    Raises
+    ------
+    ImportError
+        For a ``.zarr`` path when the zarr package is not installed.
 
     Examples
     --------
@@ -137,23 +212,44 @@ def save(ds: xr.Dataset, path: str | Path) -> Path:
     >>> path = peelnb.save(ds, os.path.join(tempfile.mkdtemp(), "peel.nc"))
     >>> peelnb.open(path).identical(ds)
     True
+    >>> store = peelnb.save(ds, os.path.join(tempfile.mkdtemp(), "peel.zarr"))
+    >>> peelnb.open(store).identical(ds)
+    True
     """
     validate(ds)
     path = Path(path)
-    out = ds.copy()
-    out.attrs = _netcdf_attrs(ds.attrs)
+    out = _for_storage(ds)
+    if path.suffix == ZARR_SUFFIX:
+        zarr = _zarr()
+        with atomic_dir(path) as tmp:
+            _write_store(zarr, out, tmp)
+        return path
     with atomic_path(path) as tmp:
         out.to_netcdf(tmp, engine="h5netcdf")
     return path
 
 
+def _write_store(zarr: ModuleType, ds: xr.Dataset, folder: Path) -> None:
+    """Write ``ds`` as a new Zarr store: format 2, one chunk per step, consolidated metadata."""
+    encoding = {
+        name: {"chunks": tuple(1 if dim == "step" else max(1, size) for dim, size in variable.sizes.items())}
+        for name, variable in ds.variables.items()
+    }
+    version = {"zarr_format": 2} if _zarr_v3(zarr) else {}
+    ds.to_zarr(folder, mode="w", consolidated=True, encoding=encoding, write_empty_chunks=True, **version)
+
+
 def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarray's open_dataset
-    """Open a saved result fully into memory (the file is closed again).
+    """Open a saved result fully into memory: a netCDF file or a Zarr store (which may still be growing).
+
+    A Zarr store is read as of its last committed append: steps another
+    process is appending meanwhile appear at the next `open`.
 
     Parameters
     ----------
     path : str or Path
-        A file written by `save` (or by ``peel(..., out=path)``).
+        A file or store written by `save` (or by ``peel(..., out=path)`` or
+        `peelnb.PeelMonitor`); a folder is read as a Zarr store.
 
     Returns
     -------
@@ -165,17 +261,197 @@ def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarr
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file is not a peelnb result.
+        If it is not a peelnb result.
+    ImportError
+        For a Zarr store when the zarr package is not installed.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"result file {str(path)!r} does not exist")
+    if path.is_dir():
+        with _open_store(path) as handle:
+            ds = handle.load()
+        return validate(ds)
     try:
         with xr.open_dataset(path, engine="h5netcdf") as handle:
             ds = handle.load()
     except (OSError, ValueError) as err:
         raise ValueError(f"{str(path)!r} is not a netCDF file peelnb can read ({err})") from None
     return validate(ds)
+
+
+@contextlib.contextmanager
+def _open_store(path: Path) -> Iterator[xr.Dataset]:
+    """The committed state of a Zarr store, lazily (its consolidated metadata gives every array's shape)."""
+    _zarr()
+    try:
+        handle = xr.open_dataset(path, engine="zarr", consolidated=True, chunks=None)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"{str(path)!r} is not a Zarr store peelnb can read ({type(err).__name__}: {err}); peelnb reads "
+            "stores with consolidated metadata (zarr.consolidate_metadata(path) adds it)"
+        ) from None
+    with handle:
+        yield handle
+
+
+def append_step(ds: xr.Dataset, store: str | Path) -> list[int]:
+    """Append the steps of ``ds`` to a Zarr store along ``step``; create the store if it does not exist.
+
+    One call commits all its steps at once, with the last write (see the
+    module notes): a crash mid-append loses at most the steps of that call
+    and never the steps already committed, and the next append completes
+    cleanly. Steps already in the store are skipped, so re-running a
+    monitored training run resumes without duplicates; steps stay sorted.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A peel result holding the new steps, with the store's layers,
+        permutations, bits, variables and settings.
+    store : str or Path
+        A ``.zarr`` store.
+
+    Returns
+    -------
+    list of int
+        The steps written (those not already in the store), sorted.
+
+    Raises
+    ------
+    ValueError
+        If ``ds`` repeats a step, ``store`` is not a Zarr store, or the store
+        holds a peel with other settings (naming each difference).
+    ImportError
+        When the zarr package is not installed.
+
+    Examples
+    --------
+    >>> import peelnb, tempfile, os
+    >>> from peelnb.results import append_step
+    >>> ds = peelnb.tutorial.example_result()
+    >>> store = os.path.join(tempfile.mkdtemp(), "run.zarr")
+    >>> append_step(ds.isel(step=[0, 1]), store)
+    [0, 75]
+    >>> append_step(ds.isel(step=[1, 2]), store)
+    [150]
+    >>> peelnb.open(store)["step"].values.tolist()
+    [0, 75, 150]
+    """
+    zarr = _zarr()
+    path = Path(store)
+    validate(ds)
+    if not is_zarr(path):
+        raise ValueError(
+            f"{str(path)!r} is not a Zarr store: steps are appended to a store whose name ends in .zarr "
+            "(a netCDF file is rewritten whole with save)"
+        )
+    steps = ds["step"].values
+    if len(np.unique(steps)) != len(steps):
+        raise ValueError(f"the steps to append repeat: {steps.tolist()}")
+    new = _for_storage(ds.sortby("step"))
+    if not path.exists():
+        save(new, path)
+        return [int(s) for s in new["step"].values]
+    with _open_store(path) as committed:
+        problems = _differences(committed, new)
+        if problems:
+            raise ValueError(
+                f"cannot append to {str(path)!r}: it holds a peel with other settings ({'; '.join(problems)}); "
+                "append steps peeled with the store's settings, or write to another store"
+            )
+        new = new.isel(step=np.flatnonzero(~np.isin(new["step"].values, committed["step"].values)))
+        written = [int(s) for s in new["step"].values]
+        start = committed.sizes["step"]
+        if not written:
+            return []
+        if not start or written[0] > int(committed["step"].values.max()):
+            names = [name for name, variable in committed.variables.items() if "step" in variable.dims]
+            _write_steps(zarr, path, new, start, names)
+            return written
+        log.info("steps %s sort before the last step of %s: rewriting the store", written, path)
+        merged = xr.concat([committed.load(), new], dim="step", data_vars="minimal", coords="minimal",
+                           compat="override", join="exact", combine_attrs="override")
+    save(merged.sortby("step"), path)
+    return written
+
+
+def _differences(committed: xr.Dataset, new: xr.Dataset) -> list[str]:
+    """What differs between a store's committed result and new steps, besides the steps themselves."""
+    problems = []
+    ours, theirs = set(committed.variables), set(new.variables)
+    if ours - theirs:
+        problems.append(f"the new steps lack {sorted(ours - theirs)}")
+    if theirs - ours:
+        problems.append(f"the store lacks {sorted(theirs - ours)}")
+    for name in sorted(ours & theirs):
+        old, fresh = committed[name].variable, new[name].variable
+        if old.dims != fresh.dims:
+            problems.append(f"{name} has dims {fresh.dims}, the store {old.dims}")
+        elif not _fits(fresh.dtype, old.dtype):
+            problems.append(f"{name} is {fresh.dtype}, the store holds {old.dtype}")
+        elif "step" not in old.dims and not np.array_equal(old.values, fresh.values):
+            problems.append(f"{name} is {fresh.values.tolist()}, the store's {old.values.tolist()}")
+        if old.attrs != fresh.attrs:
+            problems.append(f"{name} has attributes {fresh.attrs}, the store's {old.attrs}")
+    for key in sorted((set(committed.attrs) | set(new.attrs)) - set(VOLATILE_ATTRS)):
+        if committed.attrs.get(key) != new.attrs.get(key):
+            problems.append(f"{key} is {new.attrs.get(key)!r}, the store's {committed.attrs.get(key)!r}")
+    return problems
+
+
+def _fits(new: np.dtype, stored: np.dtype) -> bool:
+    """Whether values of dtype ``new`` are stored exactly in an array of dtype ``stored``."""
+    return new == stored or (new.kind == stored.kind == "U" and new.itemsize <= stored.itemsize)
+
+
+def _write_steps(zarr: ModuleType, path: Path, new: xr.Dataset, start: int, names: list[str]) -> None:
+    """Write ``new`` at step positions ``start...`` of every step array, then commit (consolidate metadata)."""
+    group = _writable_group(zarr, path)
+    count = new.sizes["step"]
+    with _write_config(zarr):
+        for name in names:
+            variable = new[name].variable
+            axis = variable.dims.index("step")
+            array = group[name]
+            shape = list(array.shape)
+            shape[axis] = start + count
+            array.resize(tuple(shape))
+            region = tuple(slice(start, start + count) if i == axis else slice(None) for i in range(array.ndim))
+            array[region] = variable.values.astype(array.dtype)
+    zarr.consolidate_metadata(str(path))
+
+
+def _writable_group(zarr: ModuleType, path: Path) -> Any:
+    """The store's root group opened for writing, with every array's own (not the consolidated) metadata."""
+    if _zarr_v3(zarr):
+        return zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    return zarr.open_group(str(path), mode="r+")
+
+
+def _write_config(zarr: ModuleType) -> contextlib.AbstractContextManager[Any]:
+    """Write every chunk, even one equal to the fill value, so that any zarr version reads it back."""
+    if _zarr_v3(zarr):
+        return zarr.config.set({"array.write_empty_chunks": True})
+    return contextlib.nullcontext()
+
+
+def save_step(ds: xr.Dataset, path: str | Path, step: int) -> None:
+    """Keep ``ds`` on disk once ``step`` is computed: a Zarr store gets that step appended, a netCDF file is rewritten.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The result being filled (every step; ``step`` is complete).
+    path : str or Path
+        A ``.zarr`` store or a netCDF file.
+    step : int
+        The step just computed.
+    """
+    if is_zarr(path):
+        append_step(ds.sel(step=[step]), path)
+    else:
+        save(ds, path)
 
 
 def _first_block_scale(ds: xr.Dataset) -> xr.DataArray:
