@@ -448,8 +448,8 @@ def peel(
         Seeds sampling, shuffles and scratch inits; the same seed gives an
         identical Dataset.
     out : str or Path, optional
-        netCDF file written atomically after every checkpoint; an existing
-        file with the same settings is resumed (its steps are not recomputed).
+        netCDF file rewritten atomically, or ``.zarr`` store appended to, after every
+        checkpoint; an existing one with the same settings is resumed (its steps are not recomputed).
     references : str or Path, optional
         Folder to export every reference's weights to (one safetensors file
         per step and layer); see `splice`.
@@ -535,7 +535,7 @@ def peel(
         _peel_checkpoint(ds, checkpoint, adapter, config, layer_ids, fit, select, evaluation, solver_lr,
                          references, bar)
         if out is not None:
-            results.save(ds, out)
+            results.save_step(ds, out, step)
     bar.close()
     return ds
 
