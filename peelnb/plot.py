@@ -494,8 +494,9 @@ def layer_curves(ds: xr.Dataset, *, layer: int, bits: float, ax: Axes | None = N
                 label=f"round-to-nearest, {fmt_bits(bits)} bits")
     planted = planted_layer(ds)
     note = f" (planted {planted[0]})" if planted is not None and planted[1] == layer else ""
-    ax.set_title(f"layer {layer}{note}, references at {fmt_bits(bits)} bits", fontsize="medium",
-                 color=PLANTED_COLOR if note else plt.rcParams["axes.titlecolor"])
+    title = ax.set_title(f"layer {layer}{note}, references at {fmt_bits(bits)} bits", fontsize="medium")
+    if note:
+        title.set_color(PLANTED_COLOR)
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.legend(fontsize="x-small", loc="upper right")
