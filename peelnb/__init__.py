@@ -1,7 +1,7 @@
 """peelnb: which layers of a transformer are not actually optimized, at every stage of training.
 
 ``peelnb.peel`` fills an xarray Dataset (dims step, layer, permutation, bits)
-from checkpoints and data; ``peelnb.save``/``peelnb.open`` store it as netCDF;
+from checkpoints and data; ``peelnb.save``/``peelnb.open`` store it as netCDF or Zarr;
 the ``ds.peel`` accessor derives gaps, noise floors, flags and a summary.
 Opening, summarizing and plotting results never imports torch.
 """
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 from .results import open, save  # noqa: E402  (registers the ds.peel accessor)
 
-__all__ = ["__version__", "explore", "open", "peel", "plot", "save", "splice", "tutorial"]
+__all__ = ["PeelMonitor", "__version__", "explore", "open", "peel", "plot", "save", "splice", "tutorial"]
 
 _LAZY = {
     "peel": ("peelnb.peeling", "peel"),
@@ -23,6 +23,7 @@ _LAZY = {
     "plot": ("peelnb.plot", None),
     "tutorial": ("peelnb.tutorial", None),
     "explore": ("peelnb.widgets", "explore"),
+    "PeelMonitor": ("peelnb.monitor", "PeelMonitor"),
 }
 
 

@@ -134,10 +134,10 @@ def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Attributes netCDF stores exactly: str, int and float as given; anything else is an error."""
     out = {}
     for key, value in attrs.items():
-        if isinstance(value, bool):
-            value = int(value)
         if isinstance(value, np.generic):
             value = value.item()
+        if isinstance(value, bool):
+            value = int(value)
         if not isinstance(value, (str, int, float)):
             raise TypeError(f"attribute {key!r} is a {type(value).__name__}; store str, int or float (json.dumps a dict)")
         out[key] = str(value) if isinstance(value, str) else value
@@ -150,7 +150,7 @@ VOLATILE_ATTRS = ("created", "peelnb_version", "torch_version")
 """Attributes that may differ between a Zarr store and the steps appended to it."""
 
 
-def _zarr() -> ModuleType:
+def require_zarr() -> ModuleType:
     """The zarr module, or an ImportError naming the extra to install."""
     try:
         import zarr
@@ -220,7 +220,7 @@ def save(ds: xr.Dataset, path: str | Path) -> Path:
     path = Path(path)
     out = _for_storage(ds)
     if path.suffix == ZARR_SUFFIX:
-        zarr = _zarr()
+        zarr = require_zarr()
         with atomic_dir(path) as tmp:
             _write_store(zarr, out, tmp)
         return path
@@ -283,7 +283,7 @@ def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarr
 @contextlib.contextmanager
 def _open_store(path: Path) -> Iterator[xr.Dataset]:
     """The committed state of a Zarr store, lazily (its consolidated metadata gives every array's shape)."""
-    _zarr()
+    require_zarr()
     try:
         handle = xr.open_dataset(path, engine="zarr", consolidated=True, chunks=None)
     except (OSError, ValueError, KeyError) as err:
@@ -338,7 +338,7 @@ def append_step(ds: xr.Dataset, store: str | Path) -> list[int]:
     >>> peelnb.open(store)["step"].values.tolist()
     [0, 75, 150]
     """
-    zarr = _zarr()
+    zarr = require_zarr()
     path = Path(store)
     validate(ds)
     if not is_zarr(path):
@@ -408,18 +408,20 @@ def _fits(new: np.dtype, stored: np.dtype) -> bool:
 def _write_steps(zarr: ModuleType, path: Path, new: xr.Dataset, start: int, names: list[str]) -> None:
     """Write ``new`` at step positions ``start...`` of every step array, then commit (consolidate metadata)."""
     group = _writable_group(zarr, path)
-    count = new.sizes["step"]
     with _write_config(zarr):
         for name in names:
             variable = new[name].variable
-            axis = variable.dims.index("step")
-            array = group[name]
-            shape = list(array.shape)
-            shape[axis] = start + count
-            array.resize(tuple(shape))
-            region = tuple(slice(start, start + count) if i == axis else slice(None) for i in range(array.ndim))
-            array[region] = variable.values.astype(array.dtype)
+            _write_region(group[name], variable.dims.index("step"), start, variable.values)
     zarr.consolidate_metadata(str(path))
+
+
+def _write_region(array: Any, axis: int, start: int, values: np.ndarray) -> None:
+    """Resize ``array`` along ``axis`` to end where ``values`` written at ``start`` end, and write them."""
+    stop = start + values.shape[axis]
+    shape = list(array.shape)
+    shape[axis] = stop
+    array.resize(tuple(shape))
+    array[tuple(slice(start, stop) if i == axis else slice(None) for i in range(array.ndim))] = values.astype(array.dtype)
 
 
 def _writable_group(zarr: ModuleType, path: Path) -> Any:
