@@ -273,10 +273,11 @@ class Explorer(widgets.VBox):
         size = (float(np.clip(3.5 + 0.1 * n_step, 6.5, 9.0)), float(np.clip(2.0 + 0.2 * n_layer, 3.4, 6.5)))
         self.figure = Figure(figsize=size, dpi=dpi, layout="constrained")
         plot._heatmap_axes(self.figure.add_subplot())
-        self.curves_figure = Figure(figsize=(5.6, 3.6), dpi=dpi, layout="constrained")
-        self.curves_figure.add_subplot()
-        self.gaps_figure = Figure(figsize=(5.6, 3.6), dpi=dpi, layout="constrained")
-        self.gaps_figure.add_subplot()
+        self.curves_figure = Figure(figsize=(5.6, 3.6), dpi=dpi)
+        self.gaps_figure = Figure(figsize=(5.6, 3.6), dpi=dpi)
+        for fig in (self.curves_figure, self.gaps_figure):  # fixed margins: labels here keep their size
+            fig.add_subplot()
+            fig.subplots_adjust(left=0.15, right=0.97, bottom=0.14, top=0.91)
         self.heatmap_image = widgets.Image(format="png")
         self.curves_image = widgets.Image(format="png")
         self.gaps_image = widgets.Image(format="png")
@@ -340,13 +341,13 @@ class Explorer(widgets.VBox):
             ax = self.curves_figure.axes[0]
             ax.clear()
             plot.layer_curves(shown, layer=self.layer, bits=self.bits, ax=ax)
-            self.curves_image.value = _png(self.curves_figure)
+            self.curves_image.value = _png(self.curves_figure, layout=False)
         if GAPS in parts:
             ax = self.gaps_figure.axes[0]
             ax.clear()
             plot._layer_gap_lines(shown, layer=self.layer, floor=self.floor, noise_multiple=self.noise_multiple,
                                   ax=ax)
-            self.gaps_image.value = _png(self.gaps_figure)
+            self.gaps_image.value = _png(self.gaps_figure, layout=False)
 
     def _table_html(self) -> str:
         table = self.table

@@ -207,6 +207,12 @@ def test_refresh_of_a_dataset_redraws_what_was_filled_in_place():
     np.testing.assert_allclose(viewer.plotted.values[:, 3], -0.5)
 
 
+@pytest.fixture(scope="module")
+def unchanged(ds) -> Explorer:
+    """One viewer shared by the tests that must leave it as it was."""
+    return peelnb.explore(ds)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
@@ -220,8 +226,8 @@ def test_refresh_of_a_dataset_redraws_what_was_filled_in_place():
         ("noise_multiple", float("nan"), "noise_multiple=nan must be a finite number >= 0"),
     ],
 )
-def test_bad_settings_are_refused_with_the_fix_and_leave_the_viewer_as_it_was(ds, name, value, message):
-    viewer = peelnb.explore(ds)
+def test_bad_settings_are_refused_with_the_fix_and_leave_the_viewer_as_it_was(unchanged, name, value, message):
+    viewer = unchanged
     before = (getattr(viewer, name), viewer.plotted.copy(), viewer.flagged)
     with pytest.raises(ValueError, match=message):
         setattr(viewer, name, value)
