@@ -59,6 +59,15 @@ class Explorer(widgets.VBox):
     heatmap, the layer panel and the table. Figures are drawn once and
     updated in place, then rendered to PNG images in the widget.
 
+    Parameters
+    ----------
+    data : xarray.Dataset, str or path
+        A peel result, or the path of a result file or store.
+    variable, bits, reduce, step_range, floor, noise_multiple, layer
+        Initial settings, as in `explore`.
+    dpi : int
+        Resolution of the rendered images.
+
     Attributes
     ----------
     variable : str
