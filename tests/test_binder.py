@@ -128,3 +128,11 @@ def test_every_notebook_import_is_installed_by_the_binder_spec():
 )
 def test_import_scanner_finds_top_level_modules(source, expected):
     assert _imports(source) == expected
+
+
+def test_readme_launches_the_quickstart_on_binder():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\(https://mybinder\.org/v2/gh/[^/\s]+/peelnb/HEAD\?labpath=notebooks%2F([^)\s]+)\)", readme)
+    assert links, "README.md needs a 'launch on Binder' link to a notebook"
+    assert all((ROOT / "notebooks" / name).is_file() for name in links), f"Binder links to missing notebooks: {links}"
+    assert "https://mybinder.org/badge_logo.svg" in readme
