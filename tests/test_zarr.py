@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,13 +50,11 @@ def assert_exact(actual: xr.Dataset, expected: xr.Dataset) -> None:
     xr.testing.assert_identical(actual, expected)
     for name in expected.variables:
         assert actual[name].dtype == expected[name].dtype, name
-    assert list(actual.attrs) == list(expected.attrs)
 
 
 def step_lengths(store: Path) -> dict[str, int]:
     """Length along step of every step array, from each array's own metadata (not the commit record)."""
-    group = zarr.open_group(str(store), mode="r", use_consolidated=False)
-    return {name: group[name].shape[0] for name in STEP_ARRAYS}
+    return {name: json.loads((store / name / ".zarray").read_text())["shape"][0] for name in STEP_ARRAYS}
 
 
 # ---------------------------------------------------------------- save / open
