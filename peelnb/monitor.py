@@ -32,6 +32,7 @@ from .peeling import peel
 
 log = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def _training_state_kept() -> Iterator[None]:
     """Restore torch's global RNG states (CPU and initialized CUDA devices) and grad mode on exit."""

@@ -421,7 +421,8 @@ def _write_region(array: Any, axis: int, start: int, values: np.ndarray) -> None
     shape = list(array.shape)
     shape[axis] = stop
     array.resize(tuple(shape))
-    array[tuple(slice(start, stop) if i == axis else slice(None) for i in range(array.ndim))] = values.astype(array.dtype)
+    region = tuple(slice(start, stop) if i == axis else slice(None) for i in range(array.ndim))
+    array[region] = values.astype(array.dtype)
 
 
 def _writable_group(zarr: ModuleType, path: Path) -> Any:
