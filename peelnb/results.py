@@ -62,6 +62,20 @@ VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "solve_seconds": (DIMS, "wall time of the local solve (batched, per reference)", "s"),
     "loss_ablate": (("step", "layer"), "held-out loss, layer replaced by the identity", NATS),
 }
+OPTIONAL_VARIABLES: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "grad_norm": (("step", "layer"), "relative gradient norm of the training loss, ||grad|| / ||weights||", "1"),
+    "weight_change": (("step", "layer"), "relative weight change since the previous checkpoint", "1"),
+    "alpha": (("step", "layer"), "heavy-tail exponent of the weight spectrum (mean over the block's matrices)", "1"),
+}
+"""Baselines ``peel(..., baselines=True)`` adds (`peelnb.baselines`); a result may hold them or not."""
+RANKINGS: dict[str, tuple[str, str]] = {
+    "gap": ("larger", "best gap on the layer's own scale, flagged layers first: the reference matches or beats it"),
+    "ablation": ("smaller", "loss_ablate - loss_model: a layer whose removal costs little contributes little"),
+    "alpha": ("larger", "a thinner-tailed weight spectrum: less trained, in WeightWatcher's reading"),
+    "grad_norm": ("larger", "a larger gradient relative to the weights: further from a stationary point"),
+    "weight_change": ("smaller", "a smaller update since the previous checkpoint: the layer moves less"),
+}
+"""What `PeelAccessor.summary` can rank by: the direction that ranks a layer as more under-optimized, and why."""
 COORD_ATTRS = {
     "step": ("training step", "steps"),
     "layer": ("layer (0-based)", "1"),
@@ -82,8 +96,12 @@ def new_dataset(
     *,
     attrs: dict[str, Any],
     layer_names: list[str] | None = None,
+    optional: tuple[str, ...] = (),
 ) -> xr.Dataset:
-    """An empty result (every variable NaN) with the schema's dims, coords and attributes."""
+    """An empty result (every variable NaN) with the schema's dims, coords and attributes.
+
+    ``optional`` names variables of `OPTIONAL_VARIABLES` to add (also NaN).
+    """
     coords: dict[str, Any] = {
         "step": np.asarray(steps, dtype=np.int64),
         "layer": np.asarray(layers, dtype=np.int64),
@@ -91,7 +109,11 @@ def new_dataset(
         "bits": np.asarray(bits, dtype=np.float64),
     }
     ds = xr.Dataset(coords=coords)
-    for name, (dims, long_name, units) in VARIABLES.items():
+    unknown = sorted(set(optional) - set(OPTIONAL_VARIABLES))
+    if unknown:
+        raise ValueError(f"unknown optional variables {unknown}; known: {sorted(OPTIONAL_VARIABLES)}")
+    schema = {**VARIABLES, **{name: OPTIONAL_VARIABLES[name] for name in optional}}
+    for name, (dims, long_name, units) in schema.items():
         shape = tuple(len(coords[d]) for d in dims)
         ds[name] = xr.DataArray(np.full(shape, np.nan), dims=dims, attrs={"long_name": long_name, "units": units})
     for name, (long_name, units) in COORD_ATTRS.items():
@@ -121,6 +143,9 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
         if name not in ds:
             problems.append(f"variable {name!r} is missing")
         elif ds[name].dims != dims:
+            problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
+    for name, (dims, _, _) in OPTIONAL_VARIABLES.items():
+        if name in ds and ds[name].dims != dims:
             problems.append(f"variable {name!r} has dims {ds[name].dims}, expected {dims}")
     version = ds.attrs.get("schema_version")
     if version is not None and int(version) != SCHEMA_VERSION:
@@ -541,14 +566,20 @@ class PeelAccessor:
         n: int | None = None,
         floor: float = FLAG_FLOOR,
         noise_multiple: float = NOISE_MULTIPLE,
+        by: str = "gap",
     ) -> pd.DataFrame:
         """Table of layers ranked from most to least under-optimized.
 
-        Within each (step, bits), flagged layers come first, then layers are
-        ordered by their best gap on their own scale (the ``score``: the first
-        block's gap divided by its ablation cost relative to the other
-        blocks' median, everyone else's gap as is); rank 1 is the most
-        under-optimized. Layers with no result come last.
+        By default (``by="gap"``), within each (step, bits), flagged layers
+        come first, then layers are ordered by their best gap on their own
+        scale (the ``score``: the first block's gap divided by its ablation
+        cost relative to the other blocks' median, everyone else's gap as
+        is); rank 1 is the most under-optimized. Layers with no result come
+        last. ``by`` ranks by one of the usual signals instead, in the
+        direction `RANKINGS` gives: ``"ablation"`` (smallest loss increase
+        first), ``"alpha"`` (largest first), ``"grad_norm"`` (largest first)
+        or ``"weight_change"`` (smallest first); the last three need a peel
+        with ``baselines=True``.
 
         Parameters
         ----------
@@ -560,14 +591,34 @@ class PeelAccessor:
             Keep the top ``n`` layers of each bit-width.
         floor, noise_multiple : float
             Flag tolerance settings, as in `flagged`.
+        by : {"gap", "ablation", "alpha", "grad_norm", "weight_change"}
+            What ranks the layers.
 
         Returns
         -------
         pandas.DataFrame
             Columns step, bits, rank, layer, gap, score, noise, tolerance,
-            flagged, loss_model, loss_ref, loss_model_q, local_err.
+            flagged, loss_model, loss_ref, loss_model_q, local_err; then the
+            baselines the result holds (grad_norm, weight_change, alpha) and,
+            with ``by="ablation"``, ``ablation`` (loss_ablate - loss_model).
+
+        Raises
+        ------
+        ValueError
+            For a step or bits value not in the result, or a ``by`` it cannot rank by.
+
+        Examples
+        --------
+        >>> import peelnb
+        >>> ds = peelnb.tutorial.example_result()
+        >>> ds.peel.summary(bits=32, by="ablation")[["rank", "layer"]].values.tolist()
+        [[1, 1], [2, 2], [3, 0]]
         """
         ds = validate(self._ds)
+        if by not in RANKINGS:
+            raise ValueError(f"by={by!r} is not something summary ranks by; pass one of {list(RANKINGS)}")
+        if by in OPTIONAL_VARIABLES and by not in ds:
+            raise ValueError(f"the result holds no {by!r}: peel with baselines=True to rank by it")
         done = ds["step"].values[ds["loss_ref"].notnull().any(("layer", "permutation", "bits")).values]
         if step is None:
             if not len(done):
@@ -595,16 +646,27 @@ class PeelAccessor:
                 "local_err": ds["local_err"].min("permutation").sel(at),
             }
         )
+        extra = [name for name in OPTIONAL_VARIABLES if name in ds]
+        for name in extra:
+            table[name] = ds[name].sel(step=step)
+        if by == "ablation":
+            extra.append("ablation")
+            table["ablation"] = ds["loss_ablate"].sel(step=step) - ds["loss_model"].sel(step=step)
         frame = table.drop_vars([c for c in table.coords if c not in ("layer", "bits")]).to_dataframe().reset_index()
         frame.insert(0, "step", step)
         if "bits" not in frame:
             frame.insert(1, "bits", bits)
-        frame = frame.sort_values(["bits", "flagged", "score"], ascending=[False, False, False], na_position="last")
-        frame["rank"] = (frame.groupby("bits").cumcount() + 1).where(frame["score"].notna())
+        if by == "gap":
+            keys, ascending, ranked = ["flagged", "score"], [False, False], frame["score"].notna()
+        else:
+            keys, ascending = [by], [RANKINGS[by][0] == "smaller"]
+            ranked = frame[by].notna() & frame["score"].notna()
+        frame = frame.sort_values(["bits", *keys], ascending=[False, *ascending], na_position="last", kind="stable")
+        frame["rank"] = (frame.groupby("bits").cumcount() + 1).where(ranked.loc[frame.index])
         if n is not None:
             frame = frame.groupby("bits", sort=False).head(n)
         columns = ["step", "bits", "rank", "layer", "gap", "score", "noise", "tolerance", "flagged",
-                   "loss_model", "loss_ref", "loss_model_q", "local_err"]
+                   "loss_model", "loss_ref", "loss_model_q", "local_err", *extra]
         frame = frame[columns].reset_index(drop=True)
         frame["rank"] = frame["rank"].astype("Int64")
         frame["flagged"] = frame["flagged"].astype(bool)
