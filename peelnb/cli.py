@@ -31,6 +31,13 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"layers must be comma-separated integers, got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _fault(text: str):  # noqa: ANN202 - Fault, imported lazily
     from .config import Fault
 
@@ -93,10 +100,13 @@ def _train(args: argparse.Namespace) -> None:
 def _peel(args: argparse.Namespace) -> None:
     from .peeling import peel
 
+    logging.getLogger("peelnb.memory").setLevel(logging.INFO)  # say what the peel will use before it starts
     ds = peel(args.run, args.data, view=args.view, bits=args.bits, permutations=args.permutations,
               layers=args.layers, solver_steps=args.solver_steps, lr=args.lr, batch_size=args.batch,
               calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
-              references=args.references, progress=not args.no_progress)
+              references=args.references, progress=not args.no_progress, revisions=args.revisions,
+              tokenizer=args.tokenizer, n_ctx=args.ctx, capture_dtype=args.capture_dtype,
+              memory_budget=args.memory_budget)
     print(_table(ds.peel.summary(n=args.top)))
     print(f"\nresult: {args.out}")
 
@@ -145,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     peel = sub.add_parser("peel", help="peel the checkpoints of a run folder")
-    peel.add_argument("run", help="run folder (written by peelnb train / demo)")
+    peel.add_argument("run", help="run folder (written by peelnb train / demo), Hugging Face model folder, folder of "
+                      "checkpoint-N/ or stepN/ folders, or hub model id (with --revisions)")
     peel.add_argument("--out", required=True, help="result netCDF file (resumed if it exists)")
     peel.add_argument("--data", help="text file to peel on (default the run's corpus)")
     peel.add_argument("--view", choices=["replace", "headroom"], default="replace")
@@ -159,6 +170,15 @@ def parser() -> argparse.ArgumentParser:
     peel.add_argument("--eval-tokens", type=_positive, default=4096)
     peel.add_argument("--seed", type=int, default=0)
     peel.add_argument("--references", help="folder to export every reference's weights to")
+    peel.add_argument("--revisions", type=_names, help="comma-separated revisions (e.g. step1000,step2000), read "
+                      "from the local Hugging Face cache")
+    peel.add_argument("--tokenizer", help="Hugging Face tokenizer folder to encode --data with")
+    peel.add_argument("--ctx", type=_positive, help="context window (default the model's, at most 128 for "
+                      "Hugging Face models)")
+    peel.add_argument("--capture-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="storage dtype of cached activations")
+    peel.add_argument("--memory-budget", help="memory the cached activations may take, e.g. 2GB: beyond it "
+                      "layers are peeled in passes (same results)")
     peel.add_argument("--top", type=_positive, help="rows per bit-width in the printed summary")
     peel.add_argument("--no-progress", action="store_true")
     peel.set_defaults(func=_peel)

@@ -76,9 +76,9 @@ def test_downstream_evaluation_never_reruns_the_layers_below(tiny_run, monkeypat
     captures = []
     real_capture = peeling._capture
 
-    def counting_capture(adapter, model_, windows):
+    def counting_capture(adapter, model_, windows, *args, **kwargs):
         before = calls["forward"]
-        out = real_capture(adapter, model_, windows)
+        out = real_capture(adapter, model_, windows, *args, **kwargs)
         captures.append(calls["forward"] - before)
         return out
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..model import GPT, Block, init_block_
 from ..quant import FULL_PRECISION, QuantLinear
-from .base import Adapter
+from .base import Adapter, ModelDims
+
+if TYPE_CHECKING:
+    from .capture import BoundCall
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -34,6 +38,10 @@ class GPTAdapter(Adapter):
     def head(self, model: GPT, h: Tensor) -> Tensor:
         return model.head(h)
 
+    def dims(self, model: GPT) -> ModelDims:
+        config = model.config
+        return ModelDims(config.n_ctx, config.d_model, config.vocab_size, config.n_ctx)
+
     def quantized_weights(self, block: Block) -> list[str]:
         return [f"{name}.weight" for name, m in block.named_modules() if isinstance(m, QuantLinear)]
 
@@ -45,8 +53,9 @@ class GPTAdapter(Adapter):
             if isinstance(module, QuantLinear):
                 module.bits = FULL_PRECISION
 
-    def stacked_call(self, block: Block, params: dict[str, Tensor], h: Tensor) -> Tensor:
-        """`Block.forward` for R stacked parameter sets at once (batched matmuls)."""
+    def stacked_call(self, block: Block, params: dict[str, Tensor], h: Tensor,
+                     call: BoundCall | None = None) -> Tensor:
+        """`Block.forward` for R stacked parameter sets at once (batched matmuls); a GPT block takes no other arguments."""
         R, B, T, C = h.shape
         n_head = block.attn.n_head
         x = h.reshape(R, B * T, C)
