@@ -1,8 +1,8 @@
 """Peel a model every N steps of a plain training loop, appending each step to a Zarr store.
 
 `PeelMonitor` is called once per training step. Every ``every`` steps it
-peels a copy of the model with `peelnb.peel` on the same calibration and
-evaluation windows each time (drawn from the data with the monitor's seed),
+peels the model with `peelnb.peel` on the same calibration and evaluation
+windows each time (drawn from the data with the monitor's seed),
 appends that step to the store atomically (`peelnb.results.append_step`),
 and keeps account of the time it spends. The model, its training mode and
 gradient flags, and torch's global random number generators are left exactly
@@ -190,7 +190,7 @@ class PeelMonitor:
         Parameters
         ----------
         model : nn.Module
-            The model being trained (left unchanged; a copy is peeled).
+            The model being trained; its weights, gradients, modes and flags are left as they were.
         step : int
             The training step.
         force : bool
