@@ -15,11 +15,12 @@ __version__ = "0.1.0"
 
 from .results import open, save  # noqa: E402  (registers the ds.peel accessor)
 
-__all__ = ["PeelMonitor", "__version__", "explore", "open", "peel", "plot", "save", "splice", "tutorial"]
+__all__ = ["PeelMonitor", "__version__", "explore", "open", "peel", "plot", "repair", "save", "splice", "tutorial"]
 
 _LAZY = {
     "peel": ("peelnb.peeling", "peel"),
     "splice": ("peelnb.peeling", "splice"),
+    "repair": ("peelnb.repairing", "repair"),
     "plot": ("peelnb.plot", None),
     "tutorial": ("peelnb.tutorial", None),
     "explore": ("peelnb.widgets", "explore"),

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__, memory, results
+from . import __version__, baselines as _baselines, memory, results
 from ._io import atomic_path
 from .adapters import Adapter, adapter_for
 from .adapters.capture import CHUNK_TOKENS, BlockCall, Captured, capture
@@ -516,7 +516,7 @@ def _attrs(config: PeelConfig, source: Source, corpus: Corpus, model: nn.Module,
 
 _SETTINGS = ("view", "target", "init", "solver_steps", "solver_lr", "solver_batch", "selection_fraction",
              "selection_every", "n_ctx", "calib_tokens", "eval_tokens", "corpus", "seed", "model", "source",
-             "capture_dtype")
+             "capture_dtype", "baselines")
 _LEGACY = {"capture_dtype": "float32"}
 """What results written before a setting existed used."""
 
@@ -535,7 +535,7 @@ def _resume(path: Path, fresh: xr.Dataset) -> xr.Dataset:
         )
     common = [s for s in old["step"].values if s in fresh["step"].values]
     merged = fresh.copy(deep=True)
-    for name in [*results.VARIABLES, "checkpoint_sha256"]:
+    for name in [*results.VARIABLES, *[n for n in results.OPTIONAL_VARIABLES if n in fresh], "checkpoint_sha256"]:
         merged[name].loc[dict(step=common)] = old[name].sel(step=common)
     merged.attrs["created"] = old.attrs.get("created", fresh.attrs["created"])
     return merged
@@ -607,6 +607,7 @@ def peel(
     n_ctx: int | None = None,
     capture_dtype: str = "float32",
     memory_budget: int | str | None = None,
+    baselines: bool = False,
 ) -> xr.Dataset:
     """Peel every layer of every checkpoint: a verified reference per (step, layer, permutation, bits).
 
@@ -683,6 +684,9 @@ def peel(
         Bytes (or a size such as ``"2GB"``) the cached hidden states may
         take; beyond it layers are peeled in passes, each re-capturing only
         the hidden states it needs. The results are identical.
+    baselines : bool
+        Also record the usual per-layer signals, dims (step, layer):
+        ``grad_norm``, ``weight_change`` and ``alpha`` (`peelnb.baselines`).
 
     Returns
     -------
@@ -752,8 +756,12 @@ def peel(
         source.steps, layer_ids, list(config.permutations), list(config.bits),
         attrs=_attrs(config, source, corpus, model, family, solver_lr, lr_source, window,
                      calib.shape[0] * window, evaluation.shape[0] * window, dtype, plan, budget),
-        layer_names=_layer_names(family, model, layer_ids),
+        layer_names=_layer_names(family, model, layer_ids), optional=_baselines.NAMES if baselines else (),
     )
+    if baselines:
+        ds.attrs["baselines"] = 1
+    tracker = _baselines.Tracker(family, layer_ids, source.steps, lambda s: source.load(s).model) \
+        if baselines else None
     ds = ds.assign_coords(checkpoint_sha256=("step", np.full(len(source.steps), "", dtype="<U64")))
     if out is not None and Path(out).exists():
         ds = _resume(Path(out), ds)
@@ -786,6 +794,8 @@ def peel(
         with evaluating(checkpoint.model):
             _peel_checkpoint(ds, checkpoint, family, config, plan, windows, solver_lr, references, bar,
                              vocab_size=dims.vocab_size, dtype=dtype)
+            if tracker is not None:
+                _baselines.write(ds, step, tracker.measure(checkpoint.model, step, calib))
         del checkpoint
         if out is not None:
             results.save_step(ds, out, step)
