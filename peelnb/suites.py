@@ -151,12 +151,17 @@ def load_folder(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> nn
     """
     tf = _optional.transformers()
     folder = Path(folder)
+    bars = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()  # library code stays quiet; peel has its own progress bar
     try:
         model, info = tf.AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, output_loading_info=True, **_dtype_kwarg(dtype)
         )
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{str(folder)!r} could not be loaded as a Hugging Face causal LM: {err}") from None
+    finally:
+        if bars:
+            tf.utils.logging.enable_progress_bar()
     if info.get("missing_keys"):
         state: dict[str, Tensor] = {}
         for file in _weight_files(folder):
@@ -214,7 +219,7 @@ def resolve_revisions(model_id: str, revisions: Sequence[str | None]) -> list[Pa
             f"revision{'s' if len(missing) > 1 else ''} {', '.join(repr(r) for r in missing)} of {model_id!r} "
             f"{'are' if len(missing) > 1 else 'is'} not in the local Hugging Face cache ({cache}) and peelnb "
             f"works offline: fetch {'them' if len(missing) > 1 else 'it'} first while online ({fetch}), "
-            "or point HF_HUB_CACHE at the cache that holds them"
+            f"or point HF_HUB_CACHE at the cache that holds {'them' if len(missing) > 1 else 'it'}"
         )
     return folders
 
