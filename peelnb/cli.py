@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -97,16 +98,34 @@ def _train(args: argparse.Namespace) -> None:
     print(f"{run}: held-out loss {run.log[-1]['heldout_loss']:.4f} at step {run.log[-1]['step']}")
 
 
+@contextlib.contextmanager
+def _memory_said() -> Iterator[None]:
+    """Print the memory a peel will use (the ``peelnb.memory`` log) to stderr before it starts."""
+    logger = logging.getLogger("peelnb.memory")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("peelnb: %(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def _peel(args: argparse.Namespace) -> None:
     from .peeling import peel
 
-    logging.getLogger("peelnb.memory").setLevel(logging.INFO)  # say what the peel will use before it starts
-    ds = peel(args.run, args.data, view=args.view, bits=args.bits, permutations=args.permutations,
-              layers=args.layers, solver_steps=args.solver_steps, lr=args.lr, batch_size=args.batch,
-              calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
-              references=args.references, progress=not args.no_progress, revisions=args.revisions,
-              tokenizer=args.tokenizer, n_ctx=args.ctx, capture_dtype=args.capture_dtype,
-              memory_budget=args.memory_budget)
+    with _memory_said():
+        ds = peel(args.run, args.data, view=args.view, bits=args.bits, permutations=args.permutations,
+                  layers=args.layers, solver_steps=args.solver_steps, lr=args.lr, batch_size=args.batch,
+                  calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
+                  references=args.references, progress=not args.no_progress, revisions=args.revisions,
+                  tokenizer=args.tokenizer, n_ctx=args.ctx, capture_dtype=args.capture_dtype,
+                  memory_budget=args.memory_budget)
     print(_table(ds.peel.summary(n=args.top)))
     print(f"\nresult: {args.out}")
 
