@@ -73,6 +73,58 @@ def model_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def measure(name: str, model: torch.nn.Module, corpus: Corpus, calib: torch.Tensor, evaluation: torch.Tensor,
+            repeats: int) -> str:
+    """One line of figures for one model."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        cap = capture(adapter, model, evaluation[:64])
+        h, index = cap[0], torch.arange(64)
+        for i, block in enumerate(adapter.blocks(model)):
+            h = adapter.call(block, h, cap.calls[i].bind(index))
+        diff = (adapter.head(model, h) - model_logits(model, evaluation[:64, :-1])).abs().max().item()
+    windows = torch.cat([calib, evaluation])
+
+    def plain() -> None:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], 256):
+                model_logits(model, windows[start : start + 256, :-1])
+
+    def captured() -> None:
+        capture(adapter, model, calib)
+        capture(adapter, model, evaluation)
+
+    t_plain, t_capture = best_of([plain, captured], max(1, repeats // 2))
+    block = copy.deepcopy(adapter.blocks(model)[1]).requires_grad_(False)
+    R, B = 12, 2
+    params = {n: torch.stack([p] * R).clone().requires_grad_(True) for n, p in block.named_parameters()}
+    cap = capture(adapter, model, calib[:64])
+    index = torch.arange(R * B).view(R, B) % 64
+    x, call = cap[1][index], cap.calls[1].bind(index)
+
+    def stacked() -> None:
+        Adapter.stacked_call(adapter, block, params, x, call).pow(2).mean().backward()
+
+    def looped() -> None:
+        outs = []
+        for r in range(R):
+            a, k = cap.calls[1].bind(index[r]).assemble(x[r])
+            outs.append(block_output(functional_call(block, {n: v[r] for n, v in params.items()}, a, k)))
+        torch.stack(outs).pow(2).mean().backward()
+
+    def own() -> None:
+        adapter.stacked_call(block, params, x, call).pow(2).mean().backward()
+
+    times = best_of([stacked, looped, own] if isinstance(model, GPT) else [stacked, looped], repeats * 2)
+    started = time.perf_counter()
+    peelnb.peel({0: model}, corpus, n_ctx=CTX, progress=False)
+    t_peel = time.perf_counter() - started
+    fast = f", hand-written {times[2] * 1e3:.1f} ms" if len(times) > 2 else ""
+    return (f"{name:>10}: replay max |logits diff| {diff:.1e}; capture {t_capture * 1e3:.0f} ms vs plain forward "
+            f"{t_plain * 1e3:.0f} ms ({t_capture / t_plain:.2f}); solver step of {R} references: vmap "
+            f"{times[0] * 1e3:.1f} ms, loop {times[1] * 1e3:.1f} ms{fast}; whole peel {t_peel:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -84,54 +136,7 @@ def main() -> None:
     print(f"peelnb {peelnb.__version__}, torch {torch.__version__}, transformers {tf.__version__}, "
           f"{args.threads} threads; {LAYERS} layers, width {WIDTH}, context {CTX}\n")
     for name, model in models().items():
-        adapter = adapter_for(model)
-        with torch.no_grad():
-            cap = capture(adapter, model, evaluation[:64])
-            h, index = cap[0], torch.arange(64)
-            for i, block in enumerate(adapter.blocks(model)):
-                h = adapter.call(block, h, cap.calls[i].bind(index))
-            diff = (adapter.head(model, h) - model_logits(model, evaluation[:64, :-1])).abs().max().item()
-        windows = torch.cat([calib, evaluation])
-
-        def plain(model: torch.nn.Module = model, windows: torch.Tensor = windows) -> None:
-            with torch.no_grad():
-                for start in range(0, windows.shape[0], 256):
-                    model_logits(model, windows[start : start + 256, :-1])
-
-        def captured(adapter: Adapter = adapter, model: torch.nn.Module = model) -> None:
-            capture(adapter, model, calib)
-            capture(adapter, model, evaluation)
-
-        t_plain, t_capture = best_of([plain, captured], max(1, args.repeats // 2))
-        block = copy.deepcopy(adapter.blocks(model)[1]).requires_grad_(False)
-        R, B = 12, 2
-        params = {n: torch.stack([p] * R).clone().requires_grad_(True) for n, p in block.named_parameters()}
-        cap = capture(adapter, model, calib[:64])
-        index = torch.arange(R * B).view(R, B) % 64
-        x, call = cap[1][index], cap.calls[1].bind(index)
-
-        def stacked(adapter: Adapter = adapter, block: torch.nn.Module = block) -> None:
-            Adapter.stacked_call(adapter, block, params, x, call).pow(2).mean().backward()
-
-        def looped(adapter: Adapter = adapter, block: torch.nn.Module = block) -> None:
-            outs = []
-            for r in range(R):
-                a, k = cap.calls[1].bind(index[r]).assemble(x[r])
-                outs.append(block_output(functional_call(block, {n: v[r] for n, v in params.items()}, a, k)))
-            torch.stack(outs).pow(2).mean().backward()
-
-        fns = [stacked, looped]
-        if isinstance(model, GPT):
-            fns.append(lambda: adapter.stacked_call(block, params, x, call).pow(2).mean().backward())
-        times = best_of(fns, args.repeats * 2)
-        started = time.perf_counter()
-        peelnb.peel({0: model}, corpus, n_ctx=CTX, progress=False)
-        t_peel = time.perf_counter() - started
-        fast = f", hand-written {times[2] * 1e3:.1f} ms" if len(times) > 2 else ""
-        print(f"{name:>10}: replay max |logits diff| {diff:.1e}; capture {t_capture * 1e3:.0f} ms vs plain forward "
-              f"{t_plain * 1e3:.0f} ms ({t_capture / t_plain:.2f}); solver step of {R} references: vmap "
-              f"{times[0] * 1e3:.1f} ms, loop {times[1] * 1e3:.1f} ms{fast}; whole peel {t_peel:.1f} s")
-
+        print(measure(name, model, corpus, calib, evaluation, args.repeats))
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__, baselines as _baselines, memory, results
+from . import __version__, memory, results
+from . import baselines as _baselines
 from ._io import atomic_path
 from .adapters import Adapter, adapter_for
 from .adapters.capture import CHUNK_TOKENS, BlockCall, Captured, capture

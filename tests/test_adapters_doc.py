@@ -11,7 +11,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "adapters.md"
 
 
 def test_the_custom_adapter_example_runs():
-    code = "\n".join(re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.S))
+    code = "\n".join(re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), flags=re.DOTALL))
     assert "class TinyAdapter(Adapter)" in code and "adapter=TinyAdapter()" in code
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

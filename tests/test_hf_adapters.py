@@ -14,7 +14,7 @@ import peelnb
 from peelnb.adapters import Adapter, GPT2Adapter, LlamaAdapter, ModelDims, adapter_for
 from peelnb.adapters.capture import SEQUENCE, UNIFORM, capture
 from peelnb.data import Corpus, random_windows, seeded_generator
-from peelnb.peeling import _rtn_params, _self_check
+from peelnb.peeling import _rtn_params, _self_check, peel_windows, splice
 from peelnb.solver import References
 from peelnb.testing import assert_same_result
 
@@ -293,3 +293,20 @@ def test_the_same_training_without_the_planted_fault_flags_no_layer(corpus):
     table = ds.peel.summary(bits=32)
     assert not table["flagged"].any(), table.to_string()
     assert float(ds.peel.best().sel(step=TRAIN_STEPS, bits=32, layer=1)) < -0.02
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_an_exported_reference_spliced_into_the_model_reproduces_loss_ref(arch, tmp_path, corpus):
+    """Trust, but verify: the replayed verification equals the spliced model's own forward pass."""
+    model = tiny_model(arch)
+    data = Corpus.from_tokens(corpus.train[:20000], vocab_size=VOCAB)
+    ds = peelnb.peel({0: model}, data, references=tmp_path, n_ctx=16, **TINY)
+    _, evaluation = peel_windows(data, 16, calib_tokens=TINY["calib_tokens"], eval_tokens=TINY["eval_tokens"],
+                                 seed=0)
+    for bits in (1.58, 32.0):
+        spliced = splice(model, tmp_path, step=0, layer=1, permutation=1, bits=bits)
+        out = logits(spliced, evaluation[:, :-1])
+        loss = F.cross_entropy(out.flatten(0, 1), evaluation[:, 1:].flatten()).item()
+        assert loss == pytest.approx(float(ds["loss_ref"].sel(step=0, layer=1, permutation=1, bits=bits)), abs=1e-5)
+    name = f"{ds['layer_name'].values[1]}.{adapter_for(model).quantized_weights(adapter_for(model).blocks(model)[1])[0]}"
+    assert not torch.equal(spliced.state_dict()[name], model.state_dict()[name])  # the reference, not the model
