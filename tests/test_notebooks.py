@@ -65,6 +65,8 @@ def test_notebook_is_short_starts_with_parameters_and_ends_with_assertions(name)
 @pytest.mark.parametrize("name", EXPECTED)
 def test_notebook_executes_in_quick_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("PEELNB_QUICK", "1")
+    # one thread: the quick models are tiny, and two threads on a busy 2-core machine run them ~10x slower
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     shutil.copy(ROOT / "notebooks" / name, tmp_path / name)
     nb = nbformat.read(tmp_path / name, as_version=4)
     kernel = _kernel()
