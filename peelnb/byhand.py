@@ -98,7 +98,7 @@ def capture(model: GPT, windows: Tensor) -> list[Tensor]:
     (3, (3, 4, 8))
     """
     model.eval()
-    return _capture(adapter_for(model), model, windows)
+    return list(_capture(adapter_for(model), model, windows))
 
 
 def reference_block(block: nn.Module, *, layer: int, n_layer: int, bits: float = 32.0, permutation: int = 0,
