@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
+from .results import RANKINGS
 
 SUMMARY_COLUMNS = ["rank", "layer", "bits", "gap", "noise", "tolerance", "flagged", "loss_ref", "loss_model_q",
                    "local_err"]
@@ -59,7 +60,7 @@ def _positive(text: str) -> int:
 
 
 def _table(frame) -> str:  # noqa: ANN001 - pandas DataFrame
-    shown = frame[[c for c in SUMMARY_COLUMNS if c in frame]]
+    shown = frame[[c for c in [*SUMMARY_COLUMNS, *(c for c in RANKINGS if c not in SUMMARY_COLUMNS)] if c in frame]]
     return shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")
 
 
@@ -125,7 +126,7 @@ def _peel(args: argparse.Namespace) -> None:
                   calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seed=args.seed, out=args.out,
                   references=args.references, progress=not args.no_progress, revisions=args.revisions,
                   tokenizer=args.tokenizer, n_ctx=args.ctx, capture_dtype=args.capture_dtype,
-                  memory_budget=args.memory_budget)
+                  memory_budget=args.memory_budget, baselines=args.baselines)
     print(_table(ds.peel.summary(n=args.top)))
     print(f"\nresult: {args.out}")
 
@@ -135,7 +136,7 @@ def _summary(args: argparse.Namespace) -> None:
 
     ds = open_result(args.file)
     print(f"{args.file}: {ds.attrs.get('view')} view, source {ds.attrs.get('source')}, fault {ds.attrs.get('fault')}")
-    print(_table(ds.peel.summary(step=args.step, bits=args.bits_one, n=args.top)))
+    print(_table(ds.peel.summary(step=args.step, bits=args.bits_one, n=args.top, by=args.by)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -199,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     peel.add_argument("--memory-budget", help="memory the cached activations may take, e.g. 2GB: beyond it "
                       "layers are peeled in passes (same results)")
     peel.add_argument("--top", type=_positive, help="rows per bit-width in the printed summary")
+    peel.add_argument("--baselines", action="store_true", help="also record grad_norm, weight_change and alpha")
     peel.add_argument("--no-progress", action="store_true")
     peel.set_defaults(func=_peel)
 
@@ -207,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     summary.add_argument("--step", type=int, help="step (default the last)")
     summary.add_argument("--bits", dest="bits_one", type=float, help="only this bit-width")
     summary.add_argument("--top", type=_positive, help="rows per bit-width")
+    summary.add_argument("--by", choices=list(RANKINGS), default="gap", help="rank by the gap (default), "
+                         "ablation, or a baseline of a peel with --baselines")
     summary.set_defaults(func=_summary)
     return main
 

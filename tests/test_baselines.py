@@ -207,3 +207,20 @@ def test_the_viewer_and_heatmap_offer_the_baselines(tiny):
     assert {"grad_norm", "weight_change", "alpha"} <= set(viewer.controls["variable"].options)
     viewer.variable = "weight_change"
     assert viewer.variable == "weight_change"
+
+
+def test_the_command_line_peels_with_baselines_and_ranks_by_them(tiny_run, tmp_path, capsys):
+    from peelnb.cli import main
+
+    out = tmp_path / "peel.nc"
+    argv = ["peel", str(tiny_run().path), "--out", str(out), "--bits", "32", "--permutations", "1", "-K", "2",
+            "--calib-tokens", "1024", "--eval-tokens", "256", "--baselines", "--no-progress"]
+    assert main(argv) == 0
+    ds = peelnb.open(out)
+    capsys.readouterr()
+    assert main(["summary", str(out), "--by", "weight_change"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[1].split()
+    assert "weight_change" in header and "alpha" in header
+    ranked = [int(line.split()[header.index("layer")]) for line in lines[2:]]
+    assert ranked == ds.peel.summary(by="weight_change")["layer"].tolist()
