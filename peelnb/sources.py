@@ -9,6 +9,7 @@ encoded with the run's or the model's tokenizer.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class Source:
         The run's last training learning rate, when known.
     tokenizer : Path or None
         A folder holding the model's saved tokenizer, when one was found.
+    portable : callable or None
+        ``portable(step)`` gives a picklable loader of the step's checkpoint,
+        to load it in another process (``peel(..., client=...)``): a function
+        and the step's path, or the model object itself.
     """
 
     steps: list[int]
@@ -49,6 +54,7 @@ class Source:
     description: str
     final_lr: float | None = None
     tokenizer: Path | None = None
+    portable: Callable[[int], Callable[[], Checkpoint]] | None = None
 
 
 def _model_checkpoint(step: int, model: nn.Module) -> Checkpoint:
@@ -63,13 +69,23 @@ def _folder_checkpoint(step: int, folder: Path) -> Checkpoint:
     return _model_checkpoint(step, load_folder(folder))
 
 
+def _file_checkpoint(step: int, path: str | Path) -> Checkpoint:
+    loaded = load_checkpoint(path)
+    return Checkpoint(step, loaded.model, loaded.lr, loaded.sha256)
+
+
+def _run_checkpoint(path: Path, step: int) -> Checkpoint:
+    return Run(path).load(step)
+
+
 def _folders_source(folders: dict[int, Path], description: str) -> Source:
     from .suites import check_one_architecture, final_lr, find_tokenizer
 
     check_one_architecture(folders)
     last = folders[max(folders)]
     return Source(sorted(folders), lambda step: _folder_checkpoint(step, folders[step]), None, description,
-                  final_lr(last), find_tokenizer(last))
+                  final_lr(last), find_tokenizer(last),
+                  portable=lambda step: functools.partial(_folder_checkpoint, step, folders[step]))
 
 
 def _revision_steps(names: Sequence[str], where: str) -> list[int]:
@@ -130,6 +146,11 @@ def _path_source(checkpoints: str | Path) -> Source:
             "or a folder of checkpoint folders (checkpoint-500/, step1000/ holding config.json); "
             "pass a folder written by `peelnb train`/`peelnb demo`, a model folder, or a mapping step -> model"
         )
+    if path.is_file():
+        raise ValueError(
+            f"{str(path)!r} is a file: pass checkpoint files as a mapping {{step: file}}, "
+            f"e.g. peel({{1000: {str(path)!r}}})"
+        )
     if isinstance(checkpoints, str) and not path.exists():
         from .suites import hub_cache, looks_like_hub_id, resolve_revisions
 
@@ -149,7 +170,8 @@ def _path_source(checkpoints: str | Path) -> Source:
 def _run_source(run: Run) -> Source:
     if not run.steps:
         raise ValueError(f"run folder {str(run.path)!r} holds no checkpoints yet")
-    return Source(run.steps, run.load, run, f"run {run.path}", run.final_lr)
+    return Source(run.steps, run.load, run, f"run {run.path}", run.final_lr,
+                  portable=lambda step: functools.partial(_run_checkpoint, run.path, step))
 
 
 def _mapping_source(checkpoints: Mapping) -> Source:
@@ -172,19 +194,18 @@ def _mapping_source(checkpoints: Mapping) -> Source:
             )
         check_one_architecture(folders)
 
-    def load(step: int) -> Checkpoint:
+    def loader(step: int) -> Callable[[], Checkpoint]:
         item = items[step]
         if step in folders:
-            return _folder_checkpoint(step, folders[step])
+            return functools.partial(_folder_checkpoint, step, folders[step])
         if isinstance(item, (str, Path)):
-            loaded = load_checkpoint(item)
-            return Checkpoint(step, loaded.model, loaded.lr, loaded.sha256)
+            return functools.partial(_file_checkpoint, step, item)
         if not isinstance(item, nn.Module):
             raise TypeError(f"checkpoint {step} is a {type(item).__name__}; give a model or a checkpoint path")
-        return _model_checkpoint(step, item)
+        return functools.partial(_model_checkpoint, step, unwrap(item))
 
     tokenizer = find_tokenizer(folders[max(folders)]) if folders else None
-    return Source(sorted(items), load, None, "models", None, tokenizer)
+    return Source(sorted(items), lambda step: loader(step)(), None, "models", None, tokenizer, portable=loader)
 
 
 def checkpoint_source(checkpoints: Any, *, revisions: Sequence[str] | None = None) -> Source:
@@ -216,7 +237,8 @@ def checkpoint_source(checkpoints: Any, *, revisions: Sequence[str] | None = Non
         name = str(getattr(unwrap(checkpoints).config, "_name_or_path", "") or "")
         step = step_from_name(name) if name else None
         model = checkpoints
-        return Source([step or 0], lambda s: _model_checkpoint(s, model), None, f"model {name or type(model).__name__}")
+        return Source([step or 0], lambda s: _model_checkpoint(s, model), None, f"model {name or type(model).__name__}",
+                      portable=lambda s: functools.partial(_model_checkpoint, s, unwrap(model)))
     if isinstance(checkpoints, nn.Module):
         raise TypeError("pass checkpoints as a mapping {step: model}, e.g. peel({1000: model})")
     raise TypeError(f"checkpoints must be a run folder or a mapping step -> model, got {type(checkpoints).__name__}")

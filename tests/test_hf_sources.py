@@ -81,6 +81,9 @@ def test_a_folder_without_checkpoints_says_what_it_expected(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()  # no config.json
     with pytest.raises(FileNotFoundError, match="not a peelnb run folder.*Hugging Face model folder.*checkpoint-500/"):
         peelnb.peel(tmp_path, DATA, **TINY)
+    (tmp_path / "weights.safetensors").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"is a file: pass checkpoint files as a mapping \{step: file\}"):
+        peelnb.peel(tmp_path / "weights.safetensors", DATA, **TINY)
 
 
 def _cache_revision(cache, model_id: str, revision: str, model) -> None:
