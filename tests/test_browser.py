@@ -1,6 +1,6 @@
 """A real browser: JupyterLab on localhost runs 01_quickstart.ipynb in headless Chromium, and the explorer renders.
 
-Needs Debian's Chromium (``/usr/bin/chromium``, or ``PEELNB_CHROMIUM``) and Playwright's Python
+Needs Debian's Chromium (``/usr/bin/chromium``, else ``chromium`` on the PATH, or ``PEELNB_CHROMIUM``) and Playwright's Python
 package, which drives that installed binary (no browser download). Missing either fails the test with
 how to install it. Screenshots land in ``test-artifacts/``.
 """
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "01_quickstart.ipynb"
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path(os.environ.get("PEELNB_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM = Path(os.environ.get("PEELNB_CHROMIUM")
+                or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else shutil.which("chromium"))
+                or "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 INSTALL = ("install Chromium with `apt-get install -y chromium` (with sudo as a normal user) and the test "
