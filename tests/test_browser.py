@@ -1,8 +1,8 @@
 """A real browser: JupyterLab on localhost runs 01_quickstart.ipynb in headless Chromium, and the explorer renders.
 
-Needs Debian's Chromium (``/usr/bin/chromium``, else ``chromium`` on the PATH, or ``PEELNB_CHROMIUM``) and Playwright's Python
-package, which drives that installed binary (no browser download). Missing either fails the test with
-how to install it. Screenshots land in ``test-artifacts/``.
+Needs Debian's Chromium (``/usr/bin/chromium``, else ``chromium`` on the PATH, or ``PEELNB_CHROMIUM``)
+and Playwright's Python package, which drives that installed binary (no browser download). Missing
+either fails the test with how to install it. Screenshots land in ``test-artifacts/``.
 """
 
 from __future__ import annotations

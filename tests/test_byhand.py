@@ -20,7 +20,7 @@ def test_a_reference_fitted_by_hand_matches_peel(tiny_run, corpus, layer, bits, 
     step = run.steps[-1]
     model = run.load(step).model
     n_ctx = model.config.n_ctx
-    sizes = dict(calib_tokens=TINY_PEEL["calib_tokens"], eval_tokens=TINY_PEEL["eval_tokens"])
+    sizes = {"calib_tokens": TINY_PEEL["calib_tokens"], "eval_tokens": TINY_PEEL["eval_tokens"]}
     calib, evaluation = byhand.windows(corpus, n_ctx=n_ctx, **sizes)
     h, h_eval = byhand.capture(model, calib), byhand.capture(model, evaluation)
     reference = byhand.reference_block(model.blocks[layer], layer=layer, n_layer=len(model.blocks), bits=bits,
@@ -31,7 +31,7 @@ def test_a_reference_fitted_by_hand_matches_peel(tiny_run, corpus, layer, bits, 
 
     ds = peelnb.peel(run, bits=(bits,), permutations=(0, permutation) if permutation else (0,), layers=(layer,),
                      solver_steps=K, progress=False, **sizes)
-    at = dict(step=step, layer=layer, bits=bits, permutation=permutation)
+    at = {"step": step, "layer": layer, "bits": bits, "permutation": permutation}
     assert len(losses) == K
     assert hand_loss == pytest.approx(float(ds["loss_ref"].sel(at)), abs=1e-5)
     assert hand_err == pytest.approx(float(ds["local_err"].sel(at)), rel=1e-4)
