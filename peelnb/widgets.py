@@ -368,8 +368,11 @@ class Explorer(widgets.VBox):
         shown = table.assign(planted=table["planted"].map({True: "planted", False: ""})).rename(columns={
             "flagged_steps": "flagged steps", "first_step": "first", "last_step": "last",
             "last_gap": f"gap at {high}"})
-        body = shown.to_html(index=False, border=0, float_format=lambda v: f"{v:+.4f}")
-        return f"<div style='max-height:420px;overflow-y:auto;font-size:90%'>{head}{body}</div>"
+        body = shown.to_html(index=False, border=0, justify="right", classes="peelnb-flagged",
+                             float_format=lambda v: f"{v:+.4f}")
+        style = ("<style>.peelnb-flagged th, .peelnb-flagged td {text-align: right; padding: 1px 8px;}"
+                 "</style>")
+        return f"<div style='max-height:420px;overflow-y:auto;font-size:90%'>{style}{head}{body}</div>"
 
     # ----- actions --------------------------------------------------------------------------------------------
     def refresh(self) -> None:
