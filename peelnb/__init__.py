@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 from .results import open, save  # noqa: E402  (registers the ds.peel accessor)
 
-__all__ = ["PeelMonitor", "__version__", "explore", "open", "peel", "plot", "repair", "save", "splice", "tutorial"]
+__all__ = ["PeelMonitor", "__version__", "explore", "integrations", "open", "peel", "plot", "repair", "save",
+           "splice", "tutorial"]
 
 _LAZY = {
     "peel": ("peelnb.peeling", "peel"),
@@ -25,6 +26,7 @@ _LAZY = {
     "tutorial": ("peelnb.tutorial", None),
     "explore": ("peelnb.widgets", "explore"),
     "PeelMonitor": ("peelnb.monitor", "PeelMonitor"),
+    "integrations": ("peelnb.integrations", None),
 }
 
 

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -305,7 +306,8 @@ class LayerResult:
     """The cells of one (step, layer): baselines and every reference, verified (`peel_layer`).
 
     Arrays are (permutation, bits); ``loss_model_q`` maps each bit-width below
-    32 to the round-to-nearest loss.
+    32 to the round-to-nearest loss. ``solution`` is None when a Dask worker
+    sends the result back without the references' weights (nothing to export).
     """
 
     layer: int
@@ -315,7 +317,7 @@ class LayerResult:
     loss_ref_calib: np.ndarray
     local_err: np.ndarray
     solve_seconds: float
-    solution: Solution
+    solution: Solution | None
 
 
 def peel_layer(captured: CheckpointCapture, layer: int, config: PeelConfig, *, lr: float) -> LayerResult:
@@ -383,6 +385,39 @@ def peel_layer(captured: CheckpointCapture, layer: int, config: PeelConfig, *, l
 
     return LayerResult(layer, loss_ablate, loss_q, grid(loss_ref), grid(loss_cal), grid(err), solution.seconds / R,
                        solution)
+
+
+def warn_nonfinite(model: nn.Module, step: int, *, stacklevel: int = 2) -> bool:
+    """Warn (`PeelWarning`) and return True when the checkpoint has NaN/inf weights: its cells stay NaN."""
+    bad = _nonfinite(model)
+    if bad:
+        warnings.warn(
+            f"checkpoint at step {step} has NaN/inf weights in {', '.join(bad[:3])}"
+            f"{' and more' if len(bad) > 3 else ''}: its results are NaN",
+            PeelWarning,
+            stacklevel=stacklevel,
+        )
+    return bool(bad)
+
+
+def checkpoint_layers(adapter: Adapter, model: nn.Module, step: int, windows: dict[str, Tensor],
+                      passes: Sequence[Sequence[int]], config: PeelConfig, *, lr: float, vocab_size: int,
+                      dtype: torch.dtype) -> Iterator[tuple[float, LayerResult]]:
+    """Peel the layers of one checkpoint, one capture per pass: ``(loss_model, result)`` per layer, in order.
+
+    The serial peel and each Dask task (`peelnb.cluster`) go through this, so
+    both compute every cell the same way. ``model`` is in eval mode with
+    gradients off.
+    """
+    loss_model = None
+    for layers in passes:
+        captured = capture_checkpoint(adapter, model, step, windows, vocab_size=vocab_size, layers=layers,
+                                      dtype=dtype)
+        if loss_model is None:
+            loss_model = captured.loss_model()
+        for layer in layers:
+            yield loss_model, peel_layer(captured, layer, config, lr=lr)
+        del captured
 
 
 def _write_layer(ds: xr.Dataset, step: int, result: LayerResult, loss_model: float) -> None:
@@ -546,6 +581,32 @@ def _done(ds: xr.Dataset, step: int) -> bool:
     return bool(ds["loss_ref"].sel(step=step).notnull().all())
 
 
+def class_name(cls: type) -> str:
+    """``module.QualifiedName`` of a model class: compares classes across processes."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_architecture(first: str, first_step: int, architecture: str, step: int) -> None:
+    if architecture != first:
+        raise ValueError(
+            f"the checkpoints mix architectures: {first.rsplit('.', 1)[-1]} (step {first_step}) and "
+            f"{architecture.rsplit('.', 1)[-1]} (step {step}); peel each architecture's checkpoints separately"
+        )
+
+
+def _note_hash(ds: xr.Dataset, step: int, sha256: str, seen: dict[str, int]) -> None:
+    """Record a checkpoint's hash; warn when an earlier step had the same bytes."""
+    ds["checkpoint_sha256"].loc[dict(step=step)] = sha256
+    if sha256 in seen:
+        warnings.warn(
+            f"checkpoints at steps {seen[sha256]} and {step} are byte-identical: "
+            "their rows repeat the same model, not training dynamics",
+            PeelWarning,
+            stacklevel=3,
+        )
+    seen.setdefault(sha256, step)
+
+
 def _window(n_ctx: int | None, dims: Any) -> int:
     """The peel's context window: ``n_ctx`` if given (within the model's), else the adapter's default."""
     if n_ctx is None:
@@ -609,6 +670,7 @@ def peel(
     capture_dtype: str = "float32",
     memory_budget: int | str | None = None,
     baselines: bool = False,
+    client: Any = None,
 ) -> xr.Dataset:
     """Peel every layer of every checkpoint: a verified reference per (step, layer, permutation, bits).
 
@@ -688,6 +750,12 @@ def peel(
     baselines : bool
         Also record the usual per-layer signals, dims (step, layer):
         ``grad_norm``, ``weight_change`` and ``alpha`` (`peelnb.baselines`).
+    client : dask.distributed.Client, optional
+        Peel on a Dask cluster (``pip install "peelnb[dask]"``): each
+        checkpoint is loaded and captured once per worker, its layers split
+        among the workers (`peelnb.cluster`, ``docs/dask.md``). The Dataset
+        is identical to the serial one but for the timings (``solve_seconds``).
+        Default: in this process.
 
     Returns
     -------
@@ -705,7 +773,8 @@ def peel(
     FileNotFoundError
         A path, or a revision in the local Hugging Face cache, that does not exist.
     ImportError
-        A Hugging Face path without ``transformers`` (``pip install "peelnb[hf]"``).
+        A Hugging Face path without ``transformers`` (``pip install "peelnb[hf]"``), or a
+        ``client`` without ``dask.distributed`` (``pip install "peelnb[dask]"``).
 
     Warns
     -----
@@ -766,11 +835,34 @@ def peel(
     ds = ds.assign_coords(checkpoint_sha256=("step", np.full(len(source.steps), "", dtype="<U64")))
     if out is not None and Path(out).exists():
         ds = _resume(Path(out), ds)
-    architecture, first_step = type(model), source.steps[0]
+    architecture, first_step = class_name(type(model)), source.steps[0]
     del model
     grid = len(source.steps) * len(layer_ids) * len(config.permutations) * len(config.bits)
     bar = tqdm(total=grid, desc="peel", unit="cell", disable=not progress, leave=False)
     seen_hashes: dict[str, int] = {}
+    if client is not None:
+        from . import cluster
+
+        todo = [s for s in source.steps if not _done(ds, s)]
+        bar.update(grid // len(source.steps) * (len(source.steps) - len(todo)))
+        del first
+        job = cluster.Job(family, config, plan.passes, layer_ids, windows, solver_lr, dims.vocab_size, dtype,
+                          export=references is not None, baselines=baselines)
+        for outcome in cluster.peel_steps(client, source, todo, job, bar):
+            _check_architecture(architecture, first_step, outcome.architecture, outcome.step)
+            _note_hash(ds, outcome.step, outcome.sha256, seen_hashes)
+            if outcome.loss_model is not None:
+                ds["loss_model"].loc[dict(step=outcome.step)] = outcome.loss_model
+            for result in outcome.layers:
+                _write_layer(ds, outcome.step, result, outcome.loss_model)
+                if references is not None:
+                    _export(Path(references), result.solution, config, outcome.step, result.layer)
+            if outcome.baselines is not None:
+                _baselines.write(ds, outcome.step, outcome.baselines)
+            if out is not None:
+                results.save_step(ds, out, outcome.step)
+        bar.close()
+        return ds
     for step in source.steps:
         if _done(ds, step):
             bar.update(grid // len(source.steps))
@@ -778,20 +870,8 @@ def peel(
             continue
         checkpoint = first if first is not None and step == first_step else source.load(step)
         first = None
-        if type(checkpoint.model) is not architecture:
-            raise ValueError(
-                f"the checkpoints mix architectures: {architecture.__name__} (step {first_step}) and "
-                f"{type(checkpoint.model).__name__} (step {step}); peel each architecture's checkpoints separately"
-            )
-        ds["checkpoint_sha256"].loc[dict(step=step)] = checkpoint.sha256
-        if checkpoint.sha256 in seen_hashes:
-            warnings.warn(
-                f"checkpoints at steps {seen_hashes[checkpoint.sha256]} and {step} are byte-identical: "
-                "their rows repeat the same model, not training dynamics",
-                PeelWarning,
-                stacklevel=2,
-            )
-        seen_hashes.setdefault(checkpoint.sha256, step)
+        _check_architecture(architecture, first_step, class_name(type(checkpoint.model)), step)
+        _note_hash(ds, step, checkpoint.sha256, seen_hashes)
         with evaluating(checkpoint.model):
             _peel_checkpoint(ds, checkpoint, family, config, plan, windows, solver_lr, references, bar,
                              vocab_size=dims.vocab_size, dtype=dtype)
@@ -810,29 +890,16 @@ def _peel_checkpoint(ds: xr.Dataset, checkpoint: Checkpoint, adapter: Adapter, c
     """Fill the cells of one checkpoint in ``ds``, one capture pass per group of layers of the plan."""
     step, model = checkpoint.step, checkpoint.model
     R = len(config.permutations) * len(config.bits)
-    bad = _nonfinite(model)
-    if bad:
-        warnings.warn(
-            f"checkpoint at step {step} has NaN/inf weights in {', '.join(bad[:3])}"
-            f"{' and more' if len(bad) > 3 else ''}: its results are NaN",
-            PeelWarning,
-            stacklevel=3,
-        )
+    if warn_nonfinite(model, step, stacklevel=4):
         bar.update(R * sum(len(layers) for layers in plan.passes))
         return
     started = time.perf_counter()
-    loss_model = None
-    for layers in plan.passes:
-        captured = capture_checkpoint(adapter, model, step, windows, vocab_size=vocab_size, layers=layers,
-                                      dtype=dtype)
-        if loss_model is None:
-            loss_model = captured.loss_model()
-            ds["loss_model"].loc[dict(step=step)] = loss_model
-        for layer in layers:
-            result = peel_layer(captured, layer, config, lr=lr)
-            _write_layer(ds, step, result, loss_model)
-            if references is not None:
-                _export(Path(references), result.solution, config, step, layer)
-            bar.update(R)
-        del captured
+    loss_model = math.nan
+    for loss_model, result in checkpoint_layers(adapter, model, step, windows, plan.passes, config, lr=lr,
+                                                vocab_size=vocab_size, dtype=dtype):
+        ds["loss_model"].loc[dict(step=step)] = loss_model
+        _write_layer(ds, step, result, loss_model)
+        if references is not None:
+            _export(Path(references), result.solution, config, step, result.layer)
+        bar.update(R)
     log.info("peeled step %d in %.1f s (held-out loss %.4f)", step, time.perf_counter() - started, loss_model)
