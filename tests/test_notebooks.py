@@ -15,7 +15,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-EXPECTED = ["01_quickstart.ipynb", "02_how_peeling_works.ipynb", "03_low_bit_training.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_how_peeling_works.ipynb", "03_low_bit_training.ipynb",
+            "04_huggingface_checkpoints.ipynb"]
 TEACHING = ["02_how_peeling_works.ipynb", "03_low_bit_training.ipynb"]
 MAX_CELLS = 30
 CELL_TIMEOUT_S = 300
