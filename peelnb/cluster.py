@@ -145,7 +145,7 @@ def groups_of(layers: Sequence[int], workers: int, steps: int) -> list[list[int]
 
     Examples
     --------
-    >>> groups_of([0, 1, 2, 3, 4], workers=2, steps=1), groups_of([0, 1, 2], workers=8, steps=2)
+    >>> groups_of([0, 1, 2, 3, 4], workers=2, steps=1), groups_of([0, 1, 2], workers=4, steps=2)
     ([[0, 1, 2], [3, 4]], [[0, 1], [2]])
     >>> groups_of([0, 1, 2], workers=2, steps=10)
     [[0, 1, 2]]
