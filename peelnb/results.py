@@ -72,7 +72,8 @@ RANKINGS: dict[str, tuple[str, str]] = {
     "gap": ("larger", "best gap on the layer's own scale, flagged layers first: the reference matches or beats it"),
     "ablation": ("smaller", "loss_ablate - loss_model: a layer whose removal costs little contributes little"),
     "alpha": ("larger", "a thinner-tailed weight spectrum: less trained, in WeightWatcher's reading"),
-    "grad_norm": ("larger", "a larger gradient relative to the weights: further from a stationary point"),
+    "grad_norm": ("smaller", "a smaller gradient relative to the weights: the rest of the network has stopped using "
+                  "the layer (measured: frozen, slow and reset layers have the smallest; docs/detection.md)"),
     "weight_change": ("smaller", "a smaller update since the previous checkpoint: the layer moves less"),
 }
 """What `PeelAccessor.summary` can rank by: the direction that ranks a layer as more under-optimized, and why."""
@@ -577,7 +578,7 @@ class PeelAccessor:
         is); rank 1 is the most under-optimized. Layers with no result come
         last. ``by`` ranks by one of the usual signals instead, in the
         direction `RANKINGS` gives: ``"ablation"`` (smallest loss increase
-        first), ``"alpha"`` (largest first), ``"grad_norm"`` (largest first)
+        first), ``"alpha"`` (largest first), ``"grad_norm"`` (smallest first)
         or ``"weight_change"`` (smallest first); the last three need a peel
         with ``baselines=True``.
 
