@@ -324,7 +324,7 @@ def peel_steps(client: Any, source: Source, steps: Sequence[int], job: Job, bar:
             bar.update(cells * len(groups[g]))
             while pending and len(parts[pending[0]]) == len(groups):
                 done = parts.pop(pending.pop(0))
-                outcome = _merge([done[g] for g in range(len(groups))], job.layers)
+                outcome = _merge([done[k] for k in range(len(groups))], job.layers)
                 for category, message in outcome.warnings:
                     warnings.warn(message, category, stacklevel=3)
                 yield outcome

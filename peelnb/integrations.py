@@ -52,7 +52,10 @@ class PeelCallback(_tf.TrainerCallback):
     ``every``, and at the last step (``final``). Steps the store already
     holds are skipped, so a run resumed from a checkpoint continues the same
     store without duplicates. Training is unaffected: the losses are the
-    ones of a run without the callback.
+    ones of a run without the callback. Under data parallelism the main
+    process peels its replica while the others wait for it at the next
+    synchronization; with sharded parameters (FSDP, DeepSpeed ZeRO-3) no
+    process holds the whole model: peel the saved checkpoints instead.
 
     Parameters
     ----------
