@@ -38,11 +38,14 @@ import xarray as xr
 from torch import Tensor, nn
 
 from .adapters import Adapter
-from .adapters.capture import CHUNK_TOKENS
 from .spectral import matrix_alpha
 
 NAMES = ("grad_norm", "weight_change", "alpha")
 """The baseline variables ``peel(..., baselines=True)`` adds."""
+GRAD_CHUNK_TOKENS = 4096
+"""Tokens per forward/backward pass of `grad_norm`: a backward pass keeps every activation, so chunks are
+smaller than the capture's (on the demo model 16k-token chunks added about 0.5 GB to a peel's peak memory;
+4k-token chunks add nothing measurable: ``benchmarks/cost.py``)."""
 
 
 def _logits(out: object) -> Tensor:
@@ -99,7 +102,7 @@ def alpha(adapter: Adapter, model: nn.Module, layers: Sequence[int]) -> dict[int
 
 
 def grad_norm(adapter: Adapter, model: nn.Module, layers: Sequence[int], windows: Tensor, *,
-              chunk_tokens: int = CHUNK_TOKENS) -> dict[int, float]:
+              chunk_tokens: int = GRAD_CHUNK_TOKENS) -> dict[int, float]:
     """Relative norm of the training-loss gradient of each block's parameters, ``||grad|| / ||theta||``.
 
     Parameters
