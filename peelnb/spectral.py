@@ -154,7 +154,7 @@ def fit_power_law(evals: np.ndarray) -> PowerLawFit:
     if not float(np.sum(np.log(x / x[0]))) > 1e-12:  # equal eigenvalues: no tail to fit
         return PowerLawFit(np.nan, float(x[0]), np.nan, N, N)
     small = N < SMALL_N
-    n, alphas, ks = _candidates(x, corrected=small)
+    _, alphas, ks = _candidates(x, corrected=small)
     if small and N < SMALL_N_MIN_TAIL:  # no candidate tail is long enough: the whole spectrum is the tail
         alphas[0] = 1.0 + (N - 1.0) / float(np.sum(np.log(x / x[0])))
         ks[0] = float(np.max(np.abs(np.arange(N) / N - (1.0 - (x / x[0]) ** (1.0 - alphas[0])))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import warnings
 
@@ -123,7 +124,7 @@ def test_weight_change_is_relative_to_the_previous_checkpoint_and_nan_at_the_fir
     run, ds = tiny
     steps = run.steps
     assert bool(ds["weight_change"].sel(step=steps[0]).isnull().all())
-    for before, after in zip(steps, steps[1:]):
+    for before, after in itertools.pairwise(steps):
         old, new = run.load(before).model, run.load(after).model
         for layer in range(len(new.blocks)):
             a = torch.cat([p.detach().flatten() for p in old.blocks[layer].parameters()]).double()
