@@ -183,7 +183,8 @@ def parser() -> argparse.ArgumentParser:
     peel.add_argument("--bits", type=_bits, default=(1.0, 1.58, 4.0, 32.0))
     peel.add_argument("--permutations", type=_positive, default=3)
     peel.add_argument("--layers", type=_layers, help="comma-separated layers (default all)")
-    peel.add_argument("--solver-steps", "-K", type=_positive, default=50)
+    peel.add_argument("--solver-steps", "-K", type=_positive, help="solver steps (default by view: 25 replace, "
+                      "50 headroom)")
     peel.add_argument("--lr", type=float, help="solver learning rate (default by view)")
     peel.add_argument("--batch", type=_positive, help="solver batch in sequences (default by view)")
     peel.add_argument("--calib-tokens", type=_positive, default=32768)

@@ -652,7 +652,7 @@ def peel(
     bits: tuple[float, ...] = (1.0, 1.58, 4.0, 32.0),
     permutations: int | tuple[int, ...] = 3,
     layers: tuple[int, ...] | None = None,
-    solver_steps: int = 50,
+    solver_steps: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
     calib_tokens: int = 32768,
@@ -703,8 +703,9 @@ def peel(
         Solver orderings; their spread is the noise floor.
     layers : tuple of int, optional
         Layers to peel (default all).
-    solver_steps : int
-        K, Adam steps per local solve.
+    solver_steps : int, optional
+        K, Adam steps per local solve (default 25 for the replace view, 50
+        for headroom: the planted-fault suite's evidence, docs/detection.md).
     lr : float, optional
         Adam learning rate (default 3e-3 for replace; for headroom a third of
         the run's final training rate, at most 1e-4).
