@@ -26,9 +26,11 @@ import xarray as xr
 from torch import Tensor, nn
 
 from . import results
+from .adapters import adapter_for
 from .config import PeelConfig
 from .data import Corpus
 from .peeling import peel
+from .sources import checkpoint_source, corpus_for
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ class PeelMonitor:
     store : str or Path
         A ``.zarr`` store, created at the first peel.
     data : None, Tensor or Corpus
-        Tokens, as for `peelnb.peel`: None uses the bundled corpus, a 1-D
+        Tokens, as for `peelnb.peel`: None uses the bundled corpus (encoded
+        with ``tokenizer=`` when given; a model whose vocabulary differs
+        from the bundled characters' is refused at the first peel), a 1-D
         tensor of token ids is split into calibration and held-out parts.
         Calibration and evaluation windows are drawn from it with ``seed``:
         every peeled step sees the same tokens.
@@ -209,8 +213,10 @@ class PeelMonitor:
             self._started = started
         if (step % self.every and not force) or step in self._steps:
             return None
-        if self._data is None:
-            self._data = Corpus.bundled()
+        if self._data is None:  # resolved once, as peel would: the vocabulary checked, tokenizer= applied
+            source = checkpoint_source({step: model})
+            vocab_size = (self.options.get("adapter") or adapter_for(model)).dims(model).vocab_size
+            self._data = corpus_for(None, source, vocab_size, tokenizer=self.options.get("tokenizer"))
         with _training_state_kept():
             ds = peel({step: model}, self._data, progress=False, **self.options)
             results.append_step(ds, self.store)

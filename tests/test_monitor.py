@@ -172,3 +172,20 @@ def test_monitor_without_zarr_names_the_extra(tmp_path, corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "zarr", None)
     with pytest.raises(ImportError, match=r'pip install "peelnb\[zarr\]"'):
         peelnb.PeelMonitor(tmp_path / "run.zarr", corpus)
+
+
+def test_monitor_without_data_refuses_a_model_the_bundled_characters_do_not_fit(tmp_path, corpus):
+    monitor = peelnb.PeelMonitor(tmp_path / "run.zarr", **SETTINGS)
+    wider = GPT(ModelConfig(vocab_size=corpus.vocab_size + 7, **TINY_MODEL), seed=0)
+    with pytest.raises(ValueError, match=f"the model has {corpus.vocab_size + 7} token ids, the bundled corpus "
+                                         f"{corpus.vocab_size}: pass data="):
+        monitor(wider, 0)
+    assert not (tmp_path / "run.zarr").exists()
+
+
+def test_monitor_without_data_peels_the_bundled_corpus_as_peel_does(tmp_path, corpus):
+    model = make_model(corpus).eval()
+    ds = peelnb.PeelMonitor(tmp_path / "run.zarr", **SETTINGS)(model, 0)
+    expected = peelnb.peel({0: model}, progress=False, **SETTINGS, view="replace", seed=0)
+    xr.testing.assert_allclose(ds["loss_model"], expected["loss_model"])
+    assert peelnb.open(tmp_path / "run.zarr").sizes["step"] == 1
