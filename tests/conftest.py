@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -31,6 +32,16 @@ REAL_TRAIN = dict(steps=1000, batch_size=32, checkpoints=(0, 500, 1000))
 def _close_figures():
     yield
     plt.close("all")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run fastest so, and do not fight other processes for the
+    cores (Dask's workers run on one thread too: its nanny sets OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

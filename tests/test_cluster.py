@@ -26,13 +26,7 @@ TIMING = ["solve_seconds"]
 """Wall times: the only variable that differs from the serial run."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Dask's workers run torch on one thread (its nanny sets OMP_NUM_THREADS=1): the serial runs do too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

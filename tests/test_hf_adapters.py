@@ -23,13 +23,7 @@ from .hf_tiny import ARCHS, CTX, VOCAB, logits, tiny_model
 TINY = dict(bits=(1.58, 32), permutations=2, solver_steps=5, calib_tokens=1024, eval_tokens=256, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _windows(n: int = 7, seed: int = 0) -> torch.Tensor:
@@ -308,5 +302,6 @@ def test_an_exported_reference_spliced_into_the_model_reproduces_loss_ref(arch, 
         out = logits(spliced, evaluation[:, :-1])
         loss = F.cross_entropy(out.flatten(0, 1), evaluation[:, 1:].flatten()).item()
         assert loss == pytest.approx(float(ds["loss_ref"].sel(step=0, layer=1, permutation=1, bits=bits)), abs=1e-5)
-    name = f"{ds['layer_name'].values[1]}.{adapter_for(model).quantized_weights(adapter_for(model).blocks(model)[1])[0]}"
+    adapter = adapter_for(model)
+    name = f"{ds['layer_name'].values[1]}.{adapter.quantized_weights(adapter.blocks(model)[1])[0]}"
     assert not torch.equal(spliced.state_dict()[name], model.state_dict()[name])  # the reference, not the model

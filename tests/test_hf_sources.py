@@ -23,12 +23,7 @@ DATA = torch.arange(6000) % VOCAB
 SOURCE_ATTRS = ("created", "source", "model", "solver_lr", "solver_lr_source")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer_state(folder, lr: float) -> None:

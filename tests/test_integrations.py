@@ -26,12 +26,7 @@ CRASH_AT = 25
 """The interrupted run dies after this step; its last saved Trainer checkpoint is at step 20."""
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model() -> torch.nn.Module:

@@ -23,12 +23,7 @@ DATA = torch.arange(6000) % VOCAB
 MEMORY_ATTRS = ("created", "memory_cache_bytes", "memory_estimate_bytes", "capture_passes", "memory_budget_bytes")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("view", ["replace", "headroom"])
@@ -43,7 +38,8 @@ def test_a_tiny_budget_peels_in_passes_and_gives_the_identical_dataset(view):
     assert chunked.attrs["capture_passes"] == 4 and chunked.attrs["memory_budget_bytes"] == budget
     assert chunked.attrs["memory_cache_bytes"] <= budget < whole.attrs["memory_cache_bytes"]
     assert_same_result(chunked, whole, ignore_attrs=MEMORY_ATTRS)
-    pairs = peelnb.peel({5: model}, DATA, view=view, memory_budget=3 * per_hidden + eval_hidden, layers=(0, 1, 3), **TINY)
+    pairs = peelnb.peel({5: model}, DATA, view=view, memory_budget=3 * per_hidden + eval_hidden, layers=(0, 1, 3),
+                        **TINY)
     assert pairs.attrs["capture_passes"] == 2  # layers 0 and 1 share h_1
     assert_same_result(pairs, whole.sel(layer=[0, 1, 3]), ignore_attrs=(*MEMORY_ATTRS, "peel_config"))
 
