@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers as tf
 from torch.func import functional_call
 
-import peelnb
-from peelnb.adapters import Adapter, adapter_for
-from peelnb.adapters.base import block_output
-from peelnb.adapters.capture import capture
-from peelnb.config import ModelConfig
-from peelnb.data import Corpus
-from peelnb.model import GPT
-from peelnb.peeling import peel_windows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
+
+import peelnb  # noqa: E402
+from peelnb.adapters import Adapter, adapter_for  # noqa: E402
+from peelnb.adapters.base import block_output  # noqa: E402
+from peelnb.adapters.capture import capture  # noqa: E402
+from peelnb.config import ModelConfig  # noqa: E402
+from peelnb.data import Corpus  # noqa: E402
+from peelnb.model import GPT  # noqa: E402
+from peelnb.peeling import peel_windows  # noqa: E402
 
 WIDTH, LAYERS, HEADS, VOCAB, CTX = 64, 4, 4, 80, 64
 
@@ -53,19 +57,6 @@ def models() -> dict[str, torch.nn.Module]:
     out = {name: tf.AutoModelForCausalLM.from_config(c).eval() for name, c in configs.items()}
     out["peelnb GPT"] = GPT(ModelConfig(vocab_size=VOCAB, n_layer=LAYERS, d_model=WIDTH, n_head=HEADS, n_ctx=CTX))
     return out
-
-
-def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best wall time of each function, runs interleaved (as in benchmarks/core.py)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            started = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - started)
-    return best
 
 
 def model_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -94,7 +85,7 @@ def measure(name: str, model: torch.nn.Module, corpus: Corpus, calib: torch.Tens
         capture(adapter, model, calib)
         capture(adapter, model, evaluation)
 
-    t_plain, t_capture = best_of([plain, captured], max(1, repeats // 2))
+    t_plain, t_capture = timed(plain, captured, repeats=max(1, repeats // 2), warmup=1)
     block = copy.deepcopy(adapter.blocks(model)[1]).requires_grad_(False)
     R, B = 12, 2
     params = {n: torch.stack([p] * R).clone().requires_grad_(True) for n, p in block.named_parameters()}
@@ -115,7 +106,8 @@ def measure(name: str, model: torch.nn.Module, corpus: Corpus, calib: torch.Tens
     def own() -> None:
         adapter.stacked_call(block, params, x, call).pow(2).mean().backward()
 
-    times = best_of([stacked, looped, own] if isinstance(model, GPT) else [stacked, looped], repeats * 2)
+    fns = [stacked, looped, own] if isinstance(model, GPT) else [stacked, looped]
+    times = timed(*fns, repeats=repeats * 2, warmup=1)
     started = time.perf_counter()
     peelnb.peel({0: model}, corpus, n_ctx=CTX, progress=False)
     t_peel = time.perf_counter() - started
