@@ -7,9 +7,9 @@ Every method turns the final checkpoint of a run into a ranking of its layers
 |---|---|---|
 | peel replace | ``ds.peel.summary()`` of the default peel | ``ds.peel.flagged()`` |
 | peel headroom | the same for ``view="headroom"`` | ``ds.peel.flagged()`` |
-| WeightWatcher alpha | the package's alpha, averaged per block, largest first | alpha > 6 (WeightWatcher's "under-trained") |
+| WeightWatcher alpha | its alpha, averaged per block, largest first | alpha > 6 (WeightWatcher's "under-trained") |
 | grad norm | ``summary(by="grad_norm")`` | none (no standard threshold) |
-| ablation | ``summary(by="ablation")``: smallest loss increase first | increase below 0.01 nats (the peel's flag floor) |
+| ablation | ``summary(by="ablation")``: smallest loss increase first | increase below 0.01 nats (the flag floor) |
 | weight change | ``summary(by="weight_change")`` | none (no standard threshold) |
 
 Variants reported beside them (not in the headline table): the opposite

@@ -181,7 +181,8 @@ class Fault(_Serializable):
         """
         kind, sep, layer = text.partition(":")
         if not sep or not re.fullmatch(r"[0-9]+", layer.strip()):
-            raise ValueError(f"fault {text!r} must look like KIND:LAYER, e.g. frozen:3 (kinds: {', '.join(FAULT_KINDS)})")
+            raise ValueError(f"fault {text!r} must look like KIND:LAYER, e.g. frozen:3 "
+                             f"(kinds: {', '.join(FAULT_KINDS)})")
         return cls(kind.strip(), int(layer))
 
     def __str__(self) -> str:

@@ -160,7 +160,8 @@ class Corpus:
         """Split a 1-D tensor of token ids; every id must be below ``vocab_size``."""
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-            raise ValueError(f"token ids must be a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}")
+            raise ValueError(f"token ids must be a 1-D integer tensor, "
+                             f"got {tokens.dtype} of shape {tuple(tokens.shape)}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
             raise ValueError(
                 f"token ids range over [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary "

@@ -476,7 +476,8 @@ def _export(folder: Path, solution: Solution, config: PeelConfig, step: int, lay
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def splice(model: nn.Module, references: str | Path, *, step: int, layer: int, permutation: int, bits: float) -> nn.Module:
+def splice(model: nn.Module, references: str | Path, *, step: int, layer: int, permutation: int,
+           bits: float) -> nn.Module:
     """A copy of ``model`` with block ``layer`` replaced by an exported reference.
 
     Parameters

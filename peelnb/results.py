@@ -165,7 +165,8 @@ def _netcdf_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool):
             value = int(value)
         if not isinstance(value, (str, int, float)):
-            raise TypeError(f"attribute {key!r} is a {type(value).__name__}; store str, int or float (json.dumps a dict)")
+            raise TypeError(f"attribute {key!r} is a {type(value).__name__}; "
+                            "store str, int or float (json.dumps a dict)")
         out[key] = str(value) if isinstance(value, str) else value
     return out
 

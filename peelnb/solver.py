@@ -159,7 +159,8 @@ class References:
 
 
 @torch.no_grad()
-def _selection_losses(refs: References, params: dict[str, Tensor], objective: _Objective, data: LayerData, chunk: int) -> Tensor:
+def _selection_losses(refs: References, params: dict[str, Tensor], objective: _Objective, data: LayerData,
+                      chunk: int) -> Tensor:
     """(R,) mean local loss of every reference on the whole selection split."""
     R, total, count = len(refs), torch.zeros(len(refs), dtype=torch.float64), 0
     dtype = refs.dtype

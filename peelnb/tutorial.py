@@ -37,10 +37,10 @@ def build_example(folder: str | Path) -> xr.Dataset:
 
     ``python -m peelnb.tutorial`` writes it into the package's data folder.
     """
-    from .demo import QUICK
-    from .peeling import peel
     from .config import ModelConfig, TrainConfig
     from .data import Corpus
+    from .demo import QUICK
+    from .peeling import peel
     from .train import train
 
     corpus = Corpus.bundled()

@@ -12,7 +12,6 @@ import peelnb
 from peelnb.cli import main
 
 
-
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

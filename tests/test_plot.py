@@ -183,7 +183,8 @@ def test_bits_profile_plots_the_best_gap_and_the_round_to_nearest_baseline_again
 
 def test_bits_profile_of_chosen_layers_sorts_bits_and_keeps_the_legend_readable_with_many_layers(big):
     ax = plot.bits_profile(big, step=4900, layers=[7])
-    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")] == ["layer 7 (planted frozen)"]
+    labels = [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+    assert labels == ["layer 7 (planted frozen)"]
     ax = plot.bits_profile(big, step=4900)
     ax.figure.canvas.draw()
     assert len([line for line in ax.lines if not line.get_label().startswith("_")]) == 24

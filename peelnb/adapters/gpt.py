@@ -55,7 +55,10 @@ class GPTAdapter(Adapter):
 
     def stacked_call(self, block: Block, params: dict[str, Tensor], h: Tensor,
                      call: BoundCall | None = None) -> Tensor:
-        """`Block.forward` for R stacked parameter sets at once (batched matmuls); a GPT block takes no other arguments."""
+        """`Block.forward` for R stacked parameter sets at once (batched matmuls).
+
+        A GPT block takes no other arguments.
+        """
         R, B, T, C = h.shape
         n_head = block.attn.n_head
         x = h.reshape(R, B * T, C)
