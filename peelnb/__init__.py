@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from .results import open, save  # noqa: E402  (registers the ds.peel accessor)
 
 __all__ = ["PeelMonitor", "__version__", "explore", "integrations", "open", "peel", "plot", "repair", "save",
-           "splice", "tutorial"]
+           "splice", "testing", "tutorial"]
 
 _LAZY = {
     "peel": ("peelnb.peeling", "peel"),
@@ -24,6 +24,7 @@ _LAZY = {
     "repair": ("peelnb.repairing", "repair"),
     "plot": ("peelnb.plot", None),
     "tutorial": ("peelnb.tutorial", None),
+    "testing": ("peelnb.testing", None),
     "explore": ("peelnb.widgets", "explore"),
     "PeelMonitor": ("peelnb.monitor", "PeelMonitor"),
     "integrations": ("peelnb.integrations", None),

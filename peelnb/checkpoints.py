@@ -172,6 +172,8 @@ class Run:
     ------
     FileNotFoundError
         If the folder or its ``run.json`` does not exist.
+    ValueError
+        If its ``run.json`` is not one peelnb wrote (not JSON, or settings missing).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -184,10 +186,17 @@ class Run:
                 f"{str(self.path)!r} is not a peelnb run folder (no {RUN_FILE}); "
                 "pass a folder written by `peelnb train`/`peelnb demo`, or a mapping step -> model"
             )
-        self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
-        self.model_config = ModelConfig.from_dict(self.meta["model"])
-        self.train_config = TrainConfig.from_dict(self.meta["train"])
-        self.tokenizer = CharTokenizer(self.meta["tokenizer"])
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
+            self.model_config = ModelConfig.from_dict(self.meta["model"])
+            self.train_config = TrainConfig.from_dict(self.meta["train"])
+            self.tokenizer = CharTokenizer(self.meta["tokenizer"])
+        except (ValueError, KeyError, TypeError) as err:
+            problem = f"missing {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(
+                f"{str(meta_file)!r} is not a peelnb run file ({problem}); it is written by `peelnb train`/`peelnb "
+                "demo`: train the run again into a new folder, or peel a mapping step -> model"
+            ) from None
 
     @staticmethod
     def write_meta(path: str | Path, meta: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ def _bits(text: str) -> tuple[float, ...]:
     from .config import check_bits
 
     try:
-        return tuple(check_bits(b) for b in text.split(",") if b.strip())
+        return tuple(check_bits(b) for b in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -61,7 +61,7 @@ def _positive(text: str) -> int:
 
 def _table(frame) -> str:  # noqa: ANN001 - pandas DataFrame
     shown = frame[[c for c in [*SUMMARY_COLUMNS, *(c for c in RANKINGS if c not in SUMMARY_COLUMNS)] if c in frame]]
-    return shown.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+    return shown.to_string(index=False, float_format=lambda x: f"{x:.4f}", formatters={"bits": "{:g}".format})
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -81,7 +81,11 @@ def _demo(args: argparse.Namespace) -> None:
         if bits in demo.bits:
             print(verdict(faulty, demo.fault, bits))
     clean = peeled["clean"].peel.flagged().isel(step=-1)
-    print(f"clean run: {int(clean.any('bits').sum())} of {clean.sizes['layer']} layers flagged at the last step")
+    flagged = int(clean.any("bits").sum())
+    print(f"clean run: {flagged} of {clean.sizes['layer']} layers flagged at the last step")
+    if args.quick and flagged:
+        print("  (--quick trains too briefly for every healthy layer to pull clear of its cheap references; "
+              "run without --quick for a model trained long enough to tell them apart)")
     print(f"\nfigure: {Path(args.out) / 'report.png'}")
 
 
@@ -135,8 +139,10 @@ def _summary(args: argparse.Namespace) -> None:
     from .results import open as open_result
 
     ds = open_result(args.file)
+    table = ds.peel.summary(step=args.step, bits=args.bits_one, n=args.top, by=args.by)
     print(f"{args.file}: {ds.attrs.get('view')} view, source {ds.attrs.get('source')}, fault {ds.attrs.get('fault')}")
-    print(_table(ds.peel.summary(step=args.step, bits=args.bits_one, n=args.top, by=args.by)))
+    print(f"layers ranked by {args.by} at step {int(table['step'].iloc[0])}, most under-optimized first")
+    print(_table(table))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -179,17 +185,22 @@ def parser() -> argparse.ArgumentParser:
                       "checkpoint-N/ or stepN/ folders, or hub model id (with --revisions)")
     peel.add_argument("--out", required=True, help="result netCDF file (resumed if it exists)")
     peel.add_argument("--data", help="text file to peel on (default the run's corpus)")
-    peel.add_argument("--view", choices=["replace", "headroom"], default="replace")
-    peel.add_argument("--bits", type=_bits, default=(1.0, 1.58, 4.0, 32.0))
-    peel.add_argument("--permutations", type=_positive, default=3)
+    peel.add_argument("--view", choices=["replace", "headroom"], default="replace",
+                      help="replace: lightweight references from scratch (default); headroom: repair the trained "
+                      "layer")
+    peel.add_argument("--bits", type=_bits, default=(1.0, 1.58, 4.0, 32.0), help="reference bit-widths (default "
+                      "1,1.58,4,32)")
+    peel.add_argument("--permutations", type=_positive, default=3, help="solver orderings (default 3)")
     peel.add_argument("--layers", type=_layers, help="comma-separated layers (default all)")
     peel.add_argument("--solver-steps", "-K", type=_positive, help="solver steps (default by view: 25 replace, "
                       "50 headroom)")
     peel.add_argument("--lr", type=float, help="solver learning rate (default by view)")
     peel.add_argument("--batch", type=_positive, help="solver batch in sequences (default by view)")
-    peel.add_argument("--calib-tokens", type=_positive, default=32768)
-    peel.add_argument("--eval-tokens", type=_positive, default=4096)
-    peel.add_argument("--seed", type=int, default=0)
+    peel.add_argument("--calib-tokens", type=_positive, default=32768, help="tokens the references are fitted "
+                      "on (default 32768)")
+    peel.add_argument("--eval-tokens", type=_positive, default=4096, help="held-out tokens the losses are "
+                      "measured on (default 4096)")
+    peel.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     peel.add_argument("--references", help="folder to export every reference's weights to")
     peel.add_argument("--revisions", type=_names, help="comma-separated revisions (e.g. step1000,step2000), read "
                       "from the local Hugging Face cache")
@@ -223,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.simplefilter("default")
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as err:
         if args.verbose:
             raise
         print(f"peelnb: error: {err}", file=sys.stderr)

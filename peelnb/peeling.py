@@ -558,17 +558,28 @@ _LEGACY = {"capture_dtype": "float32"}
 """What results written before a setting existed used."""
 
 
+def _shown(value: object) -> str:
+    """A setting as the resume error shows it: plain numbers, long lists shortened."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:3]))}, ..., {value[-1]}] ({len(value)} values)"
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def _resume(path: Path, fresh: xr.Dataset) -> xr.Dataset:
     """``fresh`` with the steps already computed in ``path`` filled in; a clear error if settings differ."""
     old = results.open(path)
-    differ = [k for k in _SETTINGS if old.attrs.get(k, _LEGACY.get(k)) != fresh.attrs.get(k)]
+    differ = {k: (old.attrs.get(k, _LEGACY.get(k)), fresh.attrs.get(k)) for k in _SETTINGS
+              if old.attrs.get(k, _LEGACY.get(k)) != fresh.attrs.get(k)}
     for dim in ("layer", "permutation", "bits"):
         if not np.array_equal(old[dim].values, fresh[dim].values):
-            differ.append(dim)
+            differ[dim] = (old[dim].values.tolist(), fresh[dim].values.tolist())
     if differ:
+        detail = "; ".join(f"{k}: stored {_shown(a)}, requested {_shown(b)}" for k, (a, b) in differ.items())
         raise ValueError(
-            f"{str(path)!r} holds a peel with other settings ({', '.join(differ)}): "
-            "choose another output path or delete it"
+            f"{str(path)!r} holds a peel with other settings ({detail}): to resume it, peel with the stored "
+            "settings; otherwise choose another output path or delete it"
         )
     common = [s for s in old["step"].values if s in fresh["step"].values]
     merged = fresh.copy(deep=True)

@@ -276,7 +276,8 @@ def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarr
     ----------
     path : str or Path
         A file or store written by `save` (or by ``peel(..., out=path)`` or
-        `peelnb.PeelMonitor`); a folder is read as a Zarr store.
+        `peelnb.PeelMonitor`): a ``.nc`` file, or a Zarr store (a folder
+        named ``*.zarr`` or holding Zarr metadata).
 
     Returns
     -------
@@ -296,6 +297,8 @@ def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarr
     if not path.exists():
         raise FileNotFoundError(f"result file {str(path)!r} does not exist")
     if path.is_dir():
+        if not is_zarr(path):
+            raise ValueError(_folder_not_result(path))
         with _open_store(path) as handle:
             ds = handle.load()
         return validate(ds)
@@ -305,6 +308,16 @@ def open(path: str | Path) -> xr.Dataset:  # noqa: A001 - public name, like xarr
     except (OSError, ValueError) as err:
         raise ValueError(f"{str(path)!r} is not a netCDF file peelnb can read ({err})") from None
     return validate(ds)
+
+
+def _folder_not_result(path: Path) -> str:
+    """Why a folder that is not a Zarr store cannot be opened, naming the result files it holds."""
+    inside = sorted(str(p) for p in path.rglob("*.nc"))
+    if inside:
+        shown = ", ".join(repr(p) for p in inside[:4]) + (f" and {len(inside) - 4} more" if len(inside) > 4 else "")
+        return f"{str(path)!r} is a folder, not a result; the result files in it: {shown}"
+    return (f"{str(path)!r} is a folder, not a result: open a .nc file written by peelnb (a run's result is "
+            f"its peel.nc) or a Zarr store (a folder whose name ends in {ZARR_SUFFIX})")
 
 
 @contextlib.contextmanager
@@ -499,6 +512,15 @@ def _first_block_scale(ds: xr.Dataset) -> xr.DataArray:
     return scale
 
 
+def _check_tolerance(floor: float, noise_multiple: float) -> None:
+    """A clear error for a flag tolerance setting that is not a non-negative number."""
+    for name, value in (("floor", floor), ("noise_multiple", noise_multiple)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value!r}: pass a non-negative number (defaults: floor={FLAG_FLOOR}, "
+                             f"noise_multiple={NOISE_MULTIPLE})")
+
+
 @xr.register_dataset_accessor("peel")
 class PeelAccessor:
     """``ds.peel``: derived quantities of a peel result (DESIGN.md §5).
@@ -518,7 +540,8 @@ class PeelAccessor:
 
     def best(self) -> xr.DataArray:
         """Best gap over permutations (the best achievable reference), (step, layer, bits)."""
-        best = self._ds["loss_model"] - self._ds["loss_ref"].min("permutation", skipna=True)
+        ds = validate(self._ds)
+        best = ds["loss_model"] - ds["loss_ref"].min("permutation", skipna=True)
         return best.assign_attrs(long_name="best gap (trained - best reference)", units=NATS)
 
     def noise(self) -> xr.DataArray:
@@ -535,6 +558,7 @@ class PeelAccessor:
         layer's influence, so the first block's floor is scaled by its own
         ablation cost relative to the other blocks' median.
         """
+        _check_tolerance(floor, noise_multiple)
         floor_da = floor * _first_block_scale(self._ds) if self._ds.attrs.get("init") == "trained" else floor
         tol = xr.apply_ufunc(np.fmax, xr.zeros_like(self.noise()) + floor_da, noise_multiple * self.noise())
         return tol.assign_attrs(long_name="flag tolerance", units=NATS)
@@ -553,6 +577,11 @@ class PeelAccessor:
             Absolute tolerance in nats/token (see `tolerance`).
         noise_multiple : float
             The tolerance is at least this many noise floors.
+
+        Raises
+        ------
+        ValueError
+            If the Dataset is not a peel result, or a setting is not a non-negative number.
         """
         best = self.best()
         tol = self.tolerance(floor=floor, noise_multiple=noise_multiple)
@@ -607,7 +636,8 @@ class PeelAccessor:
         Raises
         ------
         ValueError
-            For a step or bits value not in the result, or a ``by`` it cannot rank by.
+            For a step or bits value not in the result, a ``by`` it cannot rank by,
+            or an ``n`` that is not a positive integer.
 
         Examples
         --------
@@ -617,6 +647,8 @@ class PeelAccessor:
         [[1, 1], [2, 2], [3, 0]]
         """
         ds = validate(self._ds)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            raise ValueError(f"n={n!r}: pass a positive number of layers to keep per bit-width, or None for all")
         if by not in RANKINGS:
             raise ValueError(f"by={by!r} is not something summary ranks by; pass one of {list(RANKINGS)}")
         if by in OPTIONAL_VARIABLES and by not in ds:
@@ -693,3 +725,11 @@ def fmt_bits(bits: float) -> str:
     if math.isclose(bits, 1.58):
         return "1.58 (ternary)"
     return f"{bits:g}"
+
+
+def bits_phrase(bits: float) -> str:
+    """A bit-width in a sentence: '1 bit', '4 bits', '1.58 bits (ternary)', '32 bits (full)'."""
+    label = fmt_bits(bits)
+    unit = "bit" if math.isclose(bits, 1) else "bits"
+    number, _, kind = label.partition(" ")
+    return f"{number} {unit} {kind}".rstrip()

@@ -221,7 +221,8 @@ def test_the_command_line_peels_with_baselines_and_ranks_by_them(tiny_run, tmp_p
     capsys.readouterr()
     assert main(["summary", str(out), "--by", "weight_change"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    header = lines[1].split()
+    assert lines[1].startswith("layers ranked by weight_change at step ")
+    header = lines[2].split()
     assert "weight_change" in header and "alpha" in header
-    ranked = [int(line.split()[header.index("layer")]) for line in lines[2:]]
+    ranked = [int(line.split()[header.index("layer")]) for line in lines[3:]]
     assert ranked == ds.peel.summary(by="weight_change")["layer"].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -36,8 +37,10 @@ def test_quick_demo_prints_what_it_does_and_where_the_planted_layer_ranks(quick_
     _, result = quick_demo
     assert "training the clean run" in result.stdout
     assert "peeling 5 checkpoints" in result.stdout
-    assert "planted frozen layer 1 at 32 (full) bits: rank 1 of 3" in result.stdout
+    assert "planted frozen layer 1 at 32 bits (full): rank 1 of 3" in result.stdout
     assert "report.png" in result.stdout
+    flagged = int(re.search(r"clean run: (\d+) of 3 layers flagged at the last step", result.stdout).group(1))
+    assert ("--quick trains too briefly" in result.stdout) == (flagged > 0)
 
 
 def test_demo_run_again_resumes_without_recomputing(quick_demo):
@@ -51,9 +54,10 @@ def test_summary_command_prints_the_ranked_table(quick_demo, capsys):
     out, _ = quick_demo
     assert main(["summary", str(out / "frozen-1" / "peel.nc"), "--bits", "32"]) == 0
     printed = capsys.readouterr().out
-    table = printed.splitlines()[1:]
-    assert table[0].split()[:2] == ["rank", "layer"]
-    assert table[1].split()[:2] == ["1", "1"]
+    assert printed.splitlines()[1] == "layers ranked by gap at step 300, most under-optimized first"
+    table = printed.splitlines()[2:]
+    assert table[0].split()[:3] == ["rank", "layer", "bits"]
+    assert table[1].split()[:3] == ["1", "1", "32"]
 
 
 def test_peel_command_peels_a_run_folder(tiny_run, tmp_path, capsys):
@@ -72,10 +76,19 @@ def test_peel_command_peels_a_run_folder(tiny_run, tmp_path, capsys):
         (["summary", "missing.nc"], "result file 'missing.nc' does not exist"),
         (["peel", "not-a-run", "--out", "x.nc"], "run folder 'not-a-run' does not exist"),
         (["demo", "--quick", "--fault", "frozen:9", "--out", "unused"], "fault layer 9 is out of range"),
+        (["summary", "."], "is a folder, not a result"),
+        (["peel", "bad-run", "--out", "x.nc"], "bad-run/run.json' is not a peelnb run file (missing 'model')"),
+        (["peel", "not-json", "--out", "x.nc"], "not-json/run.json' is not a peelnb run file (Expecting value"),
+        (["summary", "store.zarr"], 'Zarr result stores need the zarr package: pip install "peelnb[zarr]"'),
     ],
 )
 def test_errors_are_one_clear_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for run, meta in (("bad-run", "{}"), ("not-json", "")):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "run.json").write_text(meta)
+    (tmp_path / "store.zarr").mkdir()
+    monkeypatch.setitem(sys.modules, "zarr", None)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peelnb: error: ") and message in err
@@ -83,6 +96,7 @@ def test_errors_are_one_clear_line_and_exit_status_2(argv, message, capsys, tmp_
 
 
 @pytest.mark.parametrize(("argv", "message"), [(["demo", "--bits", "5"], "unknown bits value"),
+                                               (["demo", "--bits", "1,,32"], "unknown bits value ''"),
                                                (["demo", "--fault", "frozen"], "must look like KIND:LAYER")])
 def test_bad_options_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

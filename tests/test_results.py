@@ -234,6 +234,24 @@ def test_summary_errors_name_the_available_choices(replace):
         empty.peel.summary()
 
 
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_summary_refuses_a_top_n_that_is_not_a_positive_integer(replace, n):
+    with pytest.raises(ValueError, match=rf"n={n!r}: pass a positive number of layers"):
+        replace.peel.summary(n=n)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("floor", -0.01), ("noise_multiple", "x"), ("floor", float("nan"))])
+def test_flag_settings_must_be_non_negative_numbers(replace, setting, value):
+    with pytest.raises(ValueError, match=rf"{setting}={value!r}: pass a non-negative number"):
+        replace.peel.flagged(**{setting: value})
+
+
+def test_accessor_on_a_dataset_missing_a_variable_says_it_is_not_a_result(replace):
+    for derive in ("best", "flagged", "gap", "noise"):
+        with pytest.raises(ValueError, match="not a peelnb result: variable 'loss_ref' is missing"):
+            getattr(replace.drop_vars("loss_ref").peel, derive)()
+
+
 def test_summary_of_the_tutorial_example_ranks_the_frozen_layer_first():
     ds = peelnb.tutorial.example_result()
     table = ds.peel.summary(bits=32)
@@ -296,6 +314,16 @@ def test_interrupted_save_keeps_the_previous_file_and_leaves_no_temporary_files(
 def test_open_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         results.open(tmp_path / "absent.nc")
+
+
+def test_open_a_run_folder_names_the_result_files_inside(tmp_path, replace):
+    results.save(replace, tmp_path / "clean" / "peel.nc")
+    (tmp_path / "clean" / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is a folder, not a result; the result files in it: '.*clean/peel\.nc'"):
+        results.open(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"is a folder, not a result: open a \.nc file"):
+        results.open(tmp_path / "empty")
 
 
 def test_open_a_file_that_is_not_netcdf(tmp_path):

@@ -108,8 +108,11 @@ def test_open_rejects_folders_that_are_not_result_stores(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         peelnb.open(tmp_path / "absent.zarr")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="is not a Zarr store peelnb can read.*consolidate_metadata"):
+    with pytest.raises(ValueError, match="is a folder, not a result: open a .nc file .* or a Zarr store"):
         peelnb.open(tmp_path / "empty")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(ValueError, match="is not a Zarr store peelnb can read.*consolidate_metadata"):
+        peelnb.open(tmp_path / "empty.zarr")
     xr.Dataset({"t": ("time", [1.0, 2.0])}).to_zarr(tmp_path / "other.zarr", zarr_format=2)
     with pytest.raises(ValueError, match="not a peelnb result: dimension 'step' is missing"):
         peelnb.open(tmp_path / "other.zarr")
