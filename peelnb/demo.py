@@ -114,6 +114,6 @@ def verdict(ds: xr.Dataset, fault: Fault, bits: float) -> str:
     table = ds.peel.summary(bits=bits)
     row = table[table["layer"] == fault.layer].iloc[0]
     flagged = "flagged under-optimized" if row["flagged"] else "not flagged"
-    return (f"planted {fault.kind} layer {fault.layer} at {results.fmt_bits(bits)} bits: rank {row['rank']} of "
+    return (f"planted {fault.kind} layer {fault.layer} at {results.bits_phrase(bits)}: rank {row['rank']} of "
             f"{len(table)}, gap {row['gap']:+.4f} nats/token, {flagged}")
 

@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter
 
-from .results import DIMS, FLAG_FLOOR, NATS, NOISE_MULTIPLE, fmt_bits, validate
+from .results import DIMS, FLAG_FLOOR, NATS, NOISE_MULTIPLE, bits_phrase, fmt_bits, validate
 
 PLANTED_COLOR = "#d62728"
 HEATMAP_VARIABLES = ("gap", "loss_ref", "local_err", "loss_model_q")
@@ -235,7 +235,7 @@ def gap_lines(ds: xr.Dataset, *, bits: float, ax: Axes | None = None, legend: bo
     ax.set_ylim(top=top)
     ax.set_xlabel("training step")
     ax.set_ylabel("best gap (nats/token)")
-    ax.set_title(f"{fmt_bits(bits)} bits")
+    ax.set_title(bits_phrase(bits))
     if legend:
         ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
                   ncols=2 if len(layers) > 12 else 1)
@@ -361,7 +361,7 @@ def _fill_heatmap(
         ax.add_patch(Rectangle((-0.5, row - 0.5), n_step, 1, fill=False, ec=PLANTED_COLOR, lw=1.5, clip_on=False))
     ax.set_xlim(-0.5, n_step - 0.5)
     ax.set_ylim(-0.5, n_layer - 0.5)
-    ax.set_title(f"{values.attrs['long_name']}, {fmt_bits(bits)} bits\n"
+    ax.set_title(f"{values.attrs['long_name']}, {bits_phrase(bits)}\n"
                  f"x: flagged under-optimized (floor {floor:g} nats)", fontsize="medium")
 
 
@@ -491,10 +491,10 @@ def layer_curves(ds: xr.Dataset, *, layer: int, bits: float, ax: Axes | None = N
     ax.plot(steps, low, "o-", color=color, ms=3, lw=1.2, label="best reference")
     if bits < 32:
         ax.plot(steps, ds["loss_model_q"].sel(layer=layer, bits=bits).values, "s--", color="0.45", ms=3, lw=1,
-                label=f"round-to-nearest, {fmt_bits(bits)} bits")
+                label=f"round-to-nearest, {bits_phrase(bits)}")
     planted = planted_layer(ds)
     note = f" (planted {planted[0]})" if planted is not None and planted[1] == layer else ""
-    title = ax.set_title(f"layer {layer}{note}, references at {fmt_bits(bits)} bits", fontsize="medium")
+    title = ax.set_title(f"layer {layer}{note}, references at {bits_phrase(bits)}", fontsize="medium")
     if note:
         title.set_color(PLANTED_COLOR)
     ax.set_xlabel("training step")
@@ -600,7 +600,7 @@ def _layer_gap_lines(
     for color, b in zip(colors, bits):
         y = best.sel(bits=b).values
         hit = flags.sel(bits=b).values
-        ax.plot(steps, y, "-", color=color, lw=1.3, label=f"{fmt_bits(b)} bits")
+        ax.plot(steps, y, "-", color=color, lw=1.3, label=bits_phrase(b))
         ax.plot(steps[hit], y[hit], "o", color=color, ms=marker)
         ax.plot(steps[~hit], y[~hit], "o", mfc="none", color=color, ms=marker - 1)
     ax.axhline(0, color="0.3", lw=0.8, ls="--")

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 import peelnb
 
 from . import plot
-from .results import FLAG_FLOOR, NOISE_MULTIPLE, fmt_bits
+from .results import FLAG_FLOOR, NOISE_MULTIPLE, bits_phrase, fmt_bits
 
 HEATMAP, CURVES, GAPS, TABLE = "heatmap", "curves", "gaps", "table"
 EVERYTHING = {HEATMAP, CURVES, GAPS, TABLE}
@@ -361,7 +361,7 @@ class Explorer(widgets.VBox):
     def _table_html(self) -> str:
         table = self.table
         low, high = self.step_range
-        head = (f"<b>Flagged layers</b>: {len(table)} of {self._ds.sizes['layer']} at {fmt_bits(self.bits)} bits, "
+        head = (f"<b>Flagged layers</b>: {len(table)} of {self._ds.sizes['layer']} at {bits_phrase(self.bits)}, "
                 f"steps {low}..{high}")
         if table.empty:
             return f"<div>{head}</div>"

@@ -22,7 +22,7 @@ def test_overview_has_a_loss_panel_and_one_gap_panel_per_bits_for_each_result(ex
     axes = fig.get_axes()
     assert len(axes) == 2 * (1 + example.sizes["bits"])
     assert axes[0].get_ylabel() == "held-out loss (nats/token)"
-    assert axes[1].get_title() == "32 (full) bits"
+    assert axes[1].get_title() == "32 bits (full)"
     np.testing.assert_allclose(axes[0].lines[0].get_ydata(), example["loss_model"].values)
 
 
@@ -75,7 +75,7 @@ def test_gap_heatmap_shows_the_best_gap_as_layers_by_steps_with_a_labelled_color
     assert isinstance(image.norm, SymLogNorm) and image.norm.vmin == -image.norm.vmax
     assert image.get_cmap().name.startswith("RdBu_r")
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("training step", "layer")
-    assert "1.58 (ternary) bits" in ax.get_title()
+    assert "1.58 bits (ternary)" in ax.get_title()
 
 
 def test_gap_heatmap_puts_the_largest_value_in_the_planted_layers_row_and_labels_that_row(big):

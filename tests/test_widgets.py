@@ -58,8 +58,8 @@ def test_setting_bits_redraws_the_heatmap_the_layer_curves_and_the_flags(ds):
     assert viewer.bits == 1.58 and float(viewer.plotted["bits"]) == 1.58
     np.testing.assert_allclose(viewer.plotted.values, _best(ds, 1.58))
     assert bytes(viewer.heatmap_image.value) != before and bytes(viewer.curves_image.value) != curves_before
-    assert "1.58 (ternary) bits" in viewer.figure.axes[0].get_title()
-    assert viewer.curves_figure.axes[0].get_title().endswith("references at 1.58 (ternary) bits")
+    assert "1.58 bits (ternary)" in viewer.figure.axes[0].get_title()
+    assert viewer.curves_figure.axes[0].get_title().endswith("references at 1.58 bits (ternary)")
     assert viewer.flagged == _expected_flags(ds, 1.58)
     assert viewer.controls["bits"].value == 1.58  # the dropdown follows the trait
     viewer.controls["bits"].value = 4.0  # and the trait follows the dropdown
@@ -130,7 +130,7 @@ def test_the_table_lists_the_flagged_layers_the_planted_one_first(ds):
     assert "<b>Flagged layers</b>" in viewer.table_html.value and "planted" in viewer.table_html.value
     viewer.step_range = (300, None)  # only the planted layer stays flagged after the first steps
     assert viewer.table["layer"].tolist() == [PLANTED]
-    assert "1 of 6 at 32 (full) bits, steps 300..700" in viewer.table_html.value
+    assert "1 of 6 at 32 bits (full), steps 300..700" in viewer.table_html.value
 
 
 def test_the_layer_control_picks_the_layer_of_the_per_layer_panel(ds):
@@ -143,7 +143,7 @@ def test_the_layer_control_picks_the_layer_of_the_per_layer_panel(ds):
     best = curves.lines[1].get_ydata()
     np.testing.assert_allclose(best, ds["loss_ref"].sel(layer=PLANTED, bits=32).min("permutation").values)
     lines = [line for line in gaps.lines if not line.get_label().startswith("_")]
-    assert [line.get_label() for line in lines] == ["32 (full) bits", "4 bits", "1.58 (ternary) bits", "1 bits"]
+    assert [line.get_label() for line in lines] == ["32 bits (full)", "4 bits", "1.58 bits (ternary)", "1 bit"]
     np.testing.assert_allclose(lines[2].get_ydata(), ds.peel.best().sel(layer=PLANTED, bits=1.58).values)
     assert bytes(viewer.heatmap_image.value) == heatmap  # the heatmap does not depend on the layer
 
