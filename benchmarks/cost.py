@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from detection import weightwatcher_alpha  # noqa: E402
 from timing import load, machine, mib, once, peak_memory, timed  # noqa: E402
 
 import peelnb  # noqa: E402
@@ -148,15 +149,7 @@ def run_peel_baselines(state: dict[str, Any]) -> None:
 
 
 def run_weightwatcher(state: dict[str, Any]) -> None:
-    import logging
-    import warnings
-
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import weightwatcher
-
-        weightwatcher.WeightWatcher(model=state["model"]).analyze()
+    weightwatcher_alpha(state["model"], state["shape"].n_layer)
 
 
 def run_alpha(state: dict[str, Any]) -> None:

@@ -141,7 +141,8 @@ def train_case(suite: Suite, case: Case, folder: Path) -> tuple[str, float]:
     return case.name, time.perf_counter() - started
 
 
-def _quiet_weightwatcher():
+def weightwatcher_alpha(model: object, n_layer: int) -> list[float]:
+    """The ``weightwatcher`` package's alpha of each block: its per-matrix alphas averaged per block."""
     import contextlib
     import io
     import logging
@@ -151,18 +152,7 @@ def _quiet_weightwatcher():
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         import weightwatcher
-    return weightwatcher
 
-
-def weightwatcher_alpha(model: object, n_layer: int) -> list[float]:
-    """The ``weightwatcher`` package's alpha of each block: its per-matrix alphas averaged per block."""
-    import contextlib
-    import io
-    import warnings
-
-    weightwatcher = _quiet_weightwatcher()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
         frame = weightwatcher.WeightWatcher(model=model).analyze()
     return [float(frame[frame["longname"].str.startswith(f"blocks.{layer}.")]["alpha"].mean())
             for layer in range(n_layer)]
@@ -171,6 +161,7 @@ def weightwatcher_alpha(model: object, n_layer: int) -> list[float]:
 def measure_case(suite: Suite, case: Case, folder: Path) -> tuple[str, float]:
     """Every method on one trained run; results cached in the run folder (re-runs skip what exists)."""
     import peelnb
+    from peelnb._io import write_text_atomic
     from peelnb.adapters import GPTAdapter
     from peelnb.checkpoints import Run
     from peelnb.peeling import peel_windows
@@ -190,7 +181,7 @@ def measure_case(suite: Suite, case: Case, folder: Path) -> tuple[str, float]:
     ww_file = folder / "weightwatcher.json"
     if not ww_file.exists():
         alphas = weightwatcher_alpha(run.load(final).model, suite.n_layer)
-        ww_file.write_text(json.dumps({"step": final, "alpha": alphas}))
+        write_text_atomic(ww_file, json.dumps({"step": final, "alpha": alphas}))
     repair_file = folder / "repair.json"
     if case.kind == "noise" and not repair_file.exists():
         model = run.load(final).model
@@ -211,7 +202,7 @@ def measure_case(suite: Suite, case: Case, folder: Path) -> tuple[str, float]:
         longer = peelnb.peel({final: mapping[final]}, view="headroom", references=longer_refs,
                              **{**settings, "solver_steps": 200})
         _, planted_k200 = peelnb.repair(model, longer, references=longer_refs, layers=[case.layer], bits=case.bits)
-        repair_file.write_text(json.dumps({
+        write_text_atomic(repair_file, json.dumps({
             "loss_model": loss_model, "loss_clean_twin": loss_clean, "repaired_planted": planted,
             "flagged": chosen, "repaired_flagged": default, "repaired_all": every,
             "repaired_planted_k200": planted_k200}))

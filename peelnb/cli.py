@@ -190,17 +190,17 @@ def parser() -> argparse.ArgumentParser:
                       "layer")
     peel.add_argument("--bits", type=_bits, default=(1.0, 1.58, 4.0, 32.0), help="reference bit-widths (default "
                       "1,1.58,4,32)")
-    peel.add_argument("--permutations", type=_positive, default=3, help="solver orderings (default 3)")
+    peel.add_argument("--permutations", type=_positive, default=3, help="solver orderings (default %(default)s)")
     peel.add_argument("--layers", type=_layers, help="comma-separated layers (default all)")
     peel.add_argument("--solver-steps", "-K", type=_positive, help="solver steps (default by view: 25 replace, "
                       "50 headroom)")
     peel.add_argument("--lr", type=float, help="solver learning rate (default by view)")
     peel.add_argument("--batch", type=_positive, help="solver batch in sequences (default by view)")
     peel.add_argument("--calib-tokens", type=_positive, default=32768, help="tokens the references are fitted "
-                      "on (default 32768)")
+                      "on (default %(default)s)")
     peel.add_argument("--eval-tokens", type=_positive, default=4096, help="held-out tokens the losses are "
-                      "measured on (default 4096)")
-    peel.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+                      "measured on (default %(default)s)")
+    peel.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     peel.add_argument("--references", help="folder to export every reference's weights to")
     peel.add_argument("--revisions", type=_names, help="comma-separated revisions (e.g. step1000,step2000), read "
                       "from the local Hugging Face cache")

@@ -570,11 +570,9 @@ def _shown(value: object) -> str:
 def _resume(path: Path, fresh: xr.Dataset) -> xr.Dataset:
     """``fresh`` with the steps already computed in ``path`` filled in; a clear error if settings differ."""
     old = results.open(path)
-    differ = {k: (old.attrs.get(k, _LEGACY.get(k)), fresh.attrs.get(k)) for k in _SETTINGS
-              if old.attrs.get(k, _LEGACY.get(k)) != fresh.attrs.get(k)}
-    for dim in ("layer", "permutation", "bits"):
-        if not np.array_equal(old[dim].values, fresh[dim].values):
-            differ[dim] = (old[dim].values.tolist(), fresh[dim].values.tolist())
+    pairs = {k: (old.attrs.get(k, _LEGACY.get(k)), fresh.attrs.get(k)) for k in _SETTINGS}
+    pairs.update({d: (old[d].values.tolist(), fresh[d].values.tolist()) for d in ("layer", "permutation", "bits")})
+    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
     if differ:
         detail = "; ".join(f"{k}: stored {_shown(a)}, requested {_shown(b)}" for k, (a, b) in differ.items())
         raise ValueError(

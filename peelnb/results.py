@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import math
+import numbers
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -515,8 +516,7 @@ def _first_block_scale(ds: xr.Dataset) -> xr.DataArray:
 def _check_tolerance(floor: float, noise_multiple: float) -> None:
     """A clear error for a flag tolerance setting that is not a non-negative number."""
     for name, value in (("floor", floor), ("noise_multiple", noise_multiple)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
             raise ValueError(f"{name}={value!r}: pass a non-negative number (defaults: floor={FLAG_FLOOR}, "
                              f"noise_multiple={NOISE_MULTIPLE})")
 
@@ -647,7 +647,7 @@ class PeelAccessor:
         [[1, 1], [2, 2], [3, 0]]
         """
         ds = validate(self._ds)
-        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"n={n!r}: pass a positive number of layers to keep per bit-width, or None for all")
         if by not in RANKINGS:
             raise ValueError(f"by={by!r} is not something summary ranks by; pass one of {list(RANKINGS)}")
@@ -718,18 +718,18 @@ class PeelAccessor:
         return out
 
 
+def _bits_kind(bits: float) -> str:
+    """' (full)' for 32 bits, ' (ternary)' for 1.58, '' otherwise."""
+    if math.isclose(bits, 32):
+        return " (full)"
+    return " (ternary)" if math.isclose(bits, 1.58) else ""
+
+
 def fmt_bits(bits: float) -> str:
     """Human label of a bit-width: '32 (full)', '1.58 (ternary)', '4'."""
-    if math.isclose(bits, 32):
-        return "32 (full)"
-    if math.isclose(bits, 1.58):
-        return "1.58 (ternary)"
-    return f"{bits:g}"
+    return f"{bits:g}{_bits_kind(bits)}"
 
 
 def bits_phrase(bits: float) -> str:
     """A bit-width in a sentence: '1 bit', '4 bits', '1.58 bits (ternary)', '32 bits (full)'."""
-    label = fmt_bits(bits)
-    unit = "bit" if math.isclose(bits, 1) else "bits"
-    number, _, kind = label.partition(" ")
-    return f"{number} {unit} {kind}".rstrip()
+    return f"{bits:g} {'bit' if math.isclose(bits, 1) else 'bits'}{_bits_kind(bits)}"
