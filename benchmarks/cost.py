@@ -8,7 +8,9 @@ cost of a peel does not depend on what the model learned):
    evaluation tokens) against one plain forward over the same tokens (goal <= 1.2);
 3. one peel cell (layer, permutation, bits) against one training step: the
    per-reference share of peeling one layer (3 permutations x 4 bit-widths
-   solved together, then verified), and one cell peeled alone;
+   solved together, then verified), and one cell peeled alone; and one
+   solver step of those references batched, per reference, against one
+   forward+backward of the block on one reference's batch (goal <= 1.2);
 4. a whole-checkpoint peel (all layers, 3 permutations, 4 bit-widths, the default K = 25),
    without and with ``baselines=True``, against the training time between two
    demo checkpoints (250 steps);
@@ -23,8 +25,8 @@ every figure: timings on a busy machine measure the queue.
 
 Usage::
 
-    python benchmarks/cost.py --quick     # demo model only, fewer points: about 3 minutes on 2 idle cores
-    python benchmarks/cost.py             # both models, full scaling: about 20 minutes
+    python benchmarks/cost.py --quick     # demo model only, fewer points: about 2 minutes on 2 idle cores
+    python benchmarks/cost.py             # both models, full scaling: about 11 minutes
 
 The full run writes ``docs/cost/cost.csv``, ``docs/cost/scaling.csv`` and
 ``docs/img/cost_scaling.png``; ``--quick`` writes the same files under
@@ -52,7 +54,7 @@ from detection import weightwatcher_alpha  # noqa: E402
 from timing import load, machine, mib, once, peak_memory, timed  # noqa: E402
 
 import peelnb  # noqa: E402
-from peelnb import peeling  # noqa: E402
+from peelnb import peeling, solver  # noqa: E402
 from peelnb._optim import adam  # noqa: E402
 from peelnb.adapters import GPTAdapter  # noqa: E402
 from peelnb.config import ModelConfig, PeelConfig  # noqa: E402
@@ -139,6 +141,33 @@ def run_layer(state: dict[str, Any], config: PeelConfig | None = None) -> None:
     peeling.peel_layer(captured, state["shape"].n_layer // 2, config or state["config"], lr=peeling.REPLACE_LR)
 
 
+def solver_step_times(state: dict[str, Any], repeats: int) -> tuple[float, float, int, int]:
+    """One batched solver step of the middle layer, and one block forward+backward on one reference's batch.
+
+    The step is measured through `peelnb.solver.solve` itself: a K-step solve minus a 1-step solve, over
+    K - 1, so setup and snapshotting cancel out. Returns (step seconds, block seconds, references, batch).
+    """
+    captured, config = state["captured"], state["config"]
+    layer, fit = state["shape"].n_layer // 2, captured.splits["fit"]
+    block = captured.replay.blocks[layer]
+    data = solver.LayerData(fit[layer], fit[layer + 1], captured.tokens["fit"], fit_call=fit.calls[layer])
+
+    def solve(k: int) -> None:
+        solver.solve(GPTAdapter(), block, data, PeelConfig(**{**state["peel"], "solver_steps": k}), layer=layer,
+                     n_layer=captured.n_layer, lr=peeling.REPLACE_LR)
+
+    K, b = config.solver_steps, config.batch_size
+    plain = peeling._unquantized(GPTAdapter(), block).requires_grad_(True)
+    x = fit[layer][:b].float().clone().requires_grad_(True)
+
+    def block_step() -> None:
+        plain.zero_grad(set_to_none=True)
+        plain(x).pow(2).mean().backward()
+
+    t_long, t_short, t_block = timed(lambda: solve(K), lambda: solve(1), block_step, repeats=repeats, warmup=1)
+    return (t_long - t_short) / (K - 1), t_block, len(config.bits) * len(config.permutations), b
+
+
 def run_peel(state: dict[str, Any], baselines: bool = False) -> None:
     extra = {"baselines": True} if baselines else {}
     peelnb.peel({0: state["model"]}, progress=False, **state["peel"], **extra)
@@ -199,6 +228,12 @@ def measure_model(shape: Shape, *, repeats: int, memory: bool, rows: list[dict])
           f"{config.solver_steps}): {t_layer:.2f} s, so {t_layer / R * 1e3:.0f} ms per cell = "
           f"{t_layer / R / t_train:.1f} training steps; one cell peeled alone {t_single * 1e3:.0f} ms = "
           f"{t_single / t_train:.1f} training steps  [{load()}]", flush=True)
+    t_step, t_block, refs, b = solver_step_times(state, repeats=max(2, repeats // (3 if shape is BIG else 1)))
+    record("solver step (all references of a layer)", t_step, f"{refs} references x {b} sequences")
+    record("block forward+backward", t_block, f"{b} sequences")
+    print(f"   one solver step, {refs} references x {b} sequences batched: {t_step * 1e3:.1f} ms = "
+          f"{t_step / refs * 1e3:.2f} ms per reference vs one block forward+backward on its {b} sequences "
+          f"{t_block * 1e3:.2f} ms: ratio {t_step / refs / t_block:.2f} (goal <= 1.2)  [{load()}]", flush=True)
     state.pop("captured")
 
     t_peel, t_base = timed(lambda: run_peel(state), lambda: run_peel_baselines(state),
